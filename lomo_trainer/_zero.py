@@ -1,0 +1,151 @@
+"""Every use of DeepSpeed's private ZeRO-3 internals lives here, so a DeepSpeed upgrade touches one file.
+
+Checked against DeepSpeed 0.19.8 (see shared DESIGN notes):
+- a ZeRO-3 parameter carries its own 1-D shard in ``p.ds_tensor`` (``ceil(numel / world)`` elements,
+  padded at the tail), its full size in ``p.ds_numel`` and its partition group in ``p.ds_process_group``;
+- an engine built without an optimizer holds a ``DeepSpeedZeRoOffload`` in ``engine.optimizer`` whose
+  parameter coordinator gathers and releases parameters around each module;
+- since 0.18.3 the engine's output hooks refuse a plain ``loss.backward()`` unless it runs inside
+  ``engine.backward``, which itself needs a ZeRO optimizer.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def is_zero3_param(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_tensor") and hasattr(p, "ds_numel")
+
+
+def is_engine(obj) -> bool:
+    try:
+        from deepspeed.runtime.engine import DeepSpeedEngine
+    except ImportError:  # deepspeed is a dependency, but the plain-module path must not need it
+        return False
+    return isinstance(obj, DeepSpeedEngine)
+
+
+def partition_group(p: torch.Tensor):
+    return p.ds_process_group
+
+
+def reduce_to_shard(p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum ``grad`` (full size, local to this rank) over ``p``'s partition group and return
+    ``(grad_shard, weight_shard)``: the slices of the summed gradient and of ``p.ds_tensor`` that this
+    rank owns, without padding. Either may be empty when padding covers this rank's whole shard."""
+    shard = p.ds_tensor
+    group = p.ds_process_group
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    n = shard.numel()
+    flat = grad.reshape(-1)
+    if world == 1:
+        out, rank = flat, 0
+    else:
+        rank = dist.get_rank(group)  # the rank inside the partition group: not LOCAL_RANK, not global
+        pad = n * world - flat.numel()
+        if pad:
+            flat = F.pad(flat, (0, pad))
+        out = torch.empty(n, dtype=flat.dtype, device=flat.device)
+        dist.reduce_scatter_tensor(out, flat, group=group)
+    # Tiny tensors can be all padding on several ranks: clamp instead of a negative-length narrow.
+    valid = max(0, min(n, p.ds_numel - rank * n))
+    return out[:valid].to(shard.device, non_blocking=True), shard[:valid]
+
+
+def group_world_size(p: torch.Tensor) -> int:
+    return dist.get_world_size(p.ds_process_group) if dist.is_initialized() else 1
+
+
+def offload_of(engine):
+    """The engine's ``DeepSpeedZeRoOffload``, or raise if the engine was given a ZeRO optimizer."""
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+    opt = engine.optimizer
+    if not isinstance(opt, DeepSpeedZeRoOffload):
+        raise ValueError(
+            "LOMO needs a ZeRO-3 engine created without an optimizer "
+            f"(deepspeed.initialize(model=..., config=...) with no 'optimizer' block); got {type(opt).__name__}. "
+            "Remove the optimizer from deepspeed.initialize and the 'optimizer' block from the DeepSpeed config.")
+    return opt
+
+
+def check_engine(engine) -> None:
+    if engine.zero_optimization_stage() != 3:
+        raise ValueError(f"LOMO's partitioned update needs zero_optimization.stage = 3, got "
+                         f"{engine.zero_optimization_stage()}; set it to 3 or pass the plain module instead.")
+    if engine.gradient_accumulation_steps() != 1:
+        raise ValueError("LOMO updates inside backward, so gradient_accumulation_steps must be 1 "
+                         f"(got {engine.gradient_accumulation_steps()}); raise the micro-batch size instead.")
+    offload_of(engine)
+    if engine.zero_offload_param() is not None and str(engine.zero_offload_param().device).endswith("nvme"):
+        raise ValueError("zero_optimization.offload_param.device = 'nvme' is not supported by LOMO; use 'cpu' or 'none'.")
+
+
+@contextlib.contextmanager
+def backward_allowed(engine):
+    """Let ``loss.backward()`` through when the loss came from ``engine(...)``.
+
+    The engine's output hooks call ``engine._backward_prologue``, which raises for a direct backward and
+    would call ZeRO-optimizer methods the parameter-offload object does not have. LOMO needs none of
+    that bookkeeping (no gradient accumulation, no ZeRO gradient buffers), so it is skipped for the
+    duration of LOMO's own backward. A loss from the bare module never reaches these hooks."""
+    if engine is None:
+        yield
+        return
+    engine._backward_prologue = lambda: None  # instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del engine._backward_prologue
+
+
+def after_backward(engine) -> None:
+    """Release what backward left gathered: modules whose input needs no gradient (the embedding)
+    never get their post-backward release, and the next gather would fail on them."""
+    if engine is not None:
+        offload_of(engine).release_backward_leftovers()
+
+
+def refresh_partitions(engine) -> None:
+    """Make the next forward see the updated shards.
+
+    Parameters under ``stage3_param_persistence_threshold`` (every norm weight of a LLaMA), and the
+    first module once the trace is complete, stay gathered between steps; their gathered copies hold
+    the pre-update values. Re-partition everything (dropping the stale gathered copies) and re-gather
+    the persistent ones, as DeepSpeed's own ZeRO-3 optimizer does around its step."""
+    if engine is None:
+        return
+    offload = offload_of(engine)
+    offload.partition_all_parameters()
+    persistent = offload.persistent_parameters
+    if persistent:
+        persistent[0].all_gather(persistent)
+
+
+@contextlib.contextmanager
+def gathered(params, modifier_rank=None):
+    """Gather ZeRO-3 parameters for reading (or for writing on ``modifier_rank``)."""
+    import deepspeed
+
+    params = [p for p in params if is_zero3_param(p)]
+    if not params:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def disable_cpu_shm_build() -> None:
+    """On CPU, DeepSpeed's comm backend compiles a shared-memory all-reduce op with g++ (60-90 s on two
+    cores) that only inference uses. LOMO never calls it: skip the build."""
+    import importlib
+
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # by module path: ``deepspeed.comm.torch`` as an attribute is the torch package itself
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None

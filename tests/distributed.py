@@ -1,0 +1,64 @@
+"""Run a function on N CPU ranks (gloo), forked from this already-imported process.
+
+Importing torch + deepspeed + transformers costs ~10 s a process; forking reuses the parent's imports,
+so a multi-rank test costs a second or two. The parent never initialises torch.distributed.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import traceback
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn, rank, world, port, queue, args, kwargs):
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        try:
+            result = fn(rank, world, *args, **kwargs)
+        finally:
+            dist.destroy_process_group()
+        queue.put((rank, True, pickle.dumps(result)))  # by value: the child exits before the parent reads
+    except BaseException:  # report everything, including assertion failures, to the parent
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 240, **kwargs) -> list:
+    """Run ``fn(rank, world, *args, **kwargs)`` on ``world`` forked ranks; return the results by rank.
+    A failure on any rank raises with that rank's traceback."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_child, args=(fn, r, world, port, queue, args, kwargs)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    try:
+        for _ in range(world):
+            rank, ok, value = queue.get(timeout=timeout)
+            if ok:
+                results[rank] = pickle.loads(value)
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+                break  # the other ranks may now hang in a collective
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [results[r] for r in range(world)]

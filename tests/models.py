@@ -1,0 +1,76 @@
+"""Small models, batches and an independent float64 SGD reference for the optimizer tests."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import CausalLMOutput
+
+VOCAB = 1600  # 1600 x 64 = 102400 elements: the embedding is above DeepSpeed's default persistence threshold
+
+
+def tiny_llama(tie: bool = True, seed: int = 0, vocab: int = VOCAB, hidden: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tie, attn_implementation="eager")
+    return LlamaForCausalLM(cfg)
+
+
+class OddLM(nn.Module):
+    """A language model with awkward parameter sizes: a 5-element and a 1-element parameter (padding that
+    covers whole shards on 4 ranks), tied input/output embeddings and checkpointed blocks."""
+
+    def __init__(self, vocab: int = 97, dim: int = 24, checkpointing: bool = False, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, 3 * dim + 1), nn.Tanh(), nn.Linear(3 * dim + 1, dim))
+                                    for _ in range(2))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight  # tied, as HF ties them: the same Parameter in two modules
+        self.gate = nn.Parameter(torch.randn(5) * 0.1)
+        self.temp = nn.Parameter(torch.ones(1))
+        self.checkpointing = checkpointing
+
+    def forward(self, input_ids, labels=None):
+        h = self.emb(input_ids)
+        for block in self.blocks:
+            h = h + (checkpoint(block, h, use_reentrant=False) if self.checkpointing else block(h))
+        h = self.norm(h) * (1 + self.gate.sum()) * self.temp
+        logits = self.head(h)
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+def batch(step: int, rank: int, vocab: int, bsz: int = 2, seq: int = 12) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randint(0, vocab, (bsz, seq), generator=g)
+
+
+def reference_sgd(model: nn.Module, steps: int, world: int, vocab: int, lr: float, weight_decay: float = 0.0,
+                  clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
+                  per_param: bool = False) -> dict[str, torch.Tensor]:
+    """Plain float64 SGD on the rank-averaged loss, written from the definitions, sharing no code with LOMO."""
+    model = copy.deepcopy(model).double()
+    names, params = zip(*[(n, p) for n, p in model.named_parameters()])
+    for step in range(steps):
+        loss = sum(model(input_ids=b, labels=b).loss for b in (batch(step, r, vocab) for r in range(world))) / world
+        grads = torch.autograd.grad(loss, params)
+        coef = 1.0
+        if clip_grad_norm is not None and not per_param:
+            norm = torch.sqrt(sum((g ** 2).sum() for g in grads)).item()
+            coef = min(1.0, clip_grad_norm / (norm + 1e-6))
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if clip_grad_value is not None:
+                    g = g.clamp(-clip_grad_value, clip_grad_value)
+                if clip_grad_norm is not None and per_param:
+                    g = g * min(1.0, clip_grad_norm / (g.norm().item() + 1e-6))
+                p.mul_(1 - lr * weight_decay).sub_(lr * coef * g)
+    return {n: p.detach().clone() for n, p in zip(names, params)}

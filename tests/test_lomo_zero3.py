@@ -1,0 +1,136 @@
+"""LOMO on DeepSpeed ZeRO-3 (CPU, gloo) against an independent float64 SGD reference.
+
+DeepSpeed's default stage3_param_persistence_threshold (1e5) is kept throughout, so norm weights and
+small tensors stay gathered between steps: a stale-weight bug shows as a mismatch from the second step on.
+"""
+import deepspeed
+import pytest
+import torch
+
+from distributed import run_ranks
+from lomo_trainer import LOMO
+from models import VOCAB, OddLM, batch, reference_sgd, tiny_llama
+
+STEPS = 3
+DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
+
+
+def build(kind: str, checkpointing: bool = False):
+    if kind == "llama":
+        model = tiny_llama(tie=True)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model, VOCAB
+    if kind == "llama_untied":
+        return tiny_llama(tie=False), VOCAB
+    return OddLM(checkpointing=checkpointing), 97
+
+
+def train_zero3(rank, world, kind, opts, checkpointing=False, via_engine=False, steps=STEPS):
+    model, vocab = build(kind, checkpointing)
+    n_params = len(list(model.parameters()))
+    engine, *_ = deepspeed.initialize(model=model, config=DS_CONFIG)
+    opt = LOMO(engine, **opts)
+    forward = engine if via_engine else engine.module
+    losses = []
+    for step in range(steps):
+        b = batch(step, rank, vocab)
+        losses.append(opt.step(lambda: forward(input_ids=b, labels=b).loss).item())
+        assert all(p.grad is None for p in engine.module.parameters()), "a gradient outlived its update"
+        assert opt.hook_calls == n_params, f"{opt.hook_calls} hook calls for {n_params} parameters"
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        return {n: p.detach().double().clone() for n, p in engine.module.named_parameters()}, losses, opt.grad_norm
+
+
+def assert_matches_reference(result, kind, world, opts, checkpointing=False, steps=STEPS):
+    model, vocab = build(kind, checkpointing)
+    init = {n: p.detach().double() for n, p in model.named_parameters()}
+    ref = reference_sgd(model, steps, world, vocab, lr=opts["lr"], weight_decay=opts.get("weight_decay", 0.0),
+                        clip_grad_norm=opts.get("clip_grad_norm"), clip_grad_value=opts.get("clip_grad_value"),
+                        per_param=opts.get("clip_mode") == "per_param")
+    assert set(result) == set(ref)
+    for name, expected in ref.items():
+        moved = (expected - init[name]).abs().max().item()
+        err = (result[name] - expected).abs().max().item()
+        assert moved > 1e-4, f"{name} hardly moved ({moved:.1e}): the test could not see a wrong update"
+        assert err <= 2e-6 * (1 + expected.abs().max().item()), f"{name}: off by {err:.2e} (moved {moved:.2e})"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_zero3_matches_sgd_tied_llama(world):
+    opts = dict(lr=0.5)
+    params, losses, _ = run_ranks(train_zero3, world, "llama", opts)[0]
+    assert_matches_reference(params, "llama", world, opts)
+
+
+def test_zero3_closure_through_engine_and_untied_embeddings():
+    opts = dict(lr=0.5, weight_decay=0.1)
+    params, _, _ = run_ranks(train_zero3, 2, "llama_untied", opts, via_engine=True)[0]
+    assert_matches_reference(params, "llama_untied", 2, opts)
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_zero3_uneven_shards_checkpointing_clip_norm(world):
+    # OddLM has 5- and 1-element parameters: on 4 ranks whole shards are padding.
+    opts = dict(lr=0.5, clip_grad_norm=0.3, weight_decay=0.01)
+    results = run_ranks(train_zero3, world, "odd", opts, checkpointing=True)
+    params, _, grad_norm = results[0]
+    assert grad_norm > 0.3, "the clip threshold must bind for this test to mean anything"
+    assert all(r[2] == pytest.approx(grad_norm, rel=1e-6) for r in results), "ranks disagree on the global norm"
+    assert_matches_reference(params, "odd", world, opts, checkpointing=True)
+
+
+def test_zero3_llama_gradient_checkpointing_clip_value():
+    opts = dict(lr=0.5, clip_grad_value=2e-3, weight_decay=0.05)
+    params, _, _ = run_ranks(train_zero3, 2, "llama", opts, checkpointing=True)[0]
+    assert_matches_reference(params, "llama", 2, opts, checkpointing=True)
+
+
+def test_zero3_per_param_clipping_one_pass():
+    opts = dict(lr=0.5, clip_grad_norm=0.05, clip_mode="per_param")
+    params, _, grad_norm = run_ranks(train_zero3, 2, "odd", opts)[0]
+    assert grad_norm is None, "per-parameter clipping must not run a norm pass"
+    assert_matches_reference(params, "odd", 2, opts)
+
+
+def train_zero3_half(rank, world, dtype_key, opts, first_scale_power=None):
+    model, vocab = build("llama")
+    cfg = dict(DS_CONFIG, **{dtype_key: {"enabled": True}})
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    params = list(engine.module.parameters())
+
+    def snapshot():
+        with deepspeed.zero.GatheredParameters(params):
+            return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+    opt = LOMO(engine, **opts)
+    log = []
+    for step in range(3):
+        b = batch(step, rank, vocab)
+        before = snapshot()
+        opt.step(lambda: engine.module(input_ids=b, labels=b).loss)
+        after = snapshot()
+        unchanged = all(torch.equal(before[n], after[n]) for n in before)
+        log.append((opt.last_step_skipped, unchanged, opt.loss_scale))
+    return log, {n: p.double() for n, p in snapshot().items()}
+
+
+def test_zero3_fp16_overflow_skips_then_trains():
+    # 2^40 overflows fp16 gradients at once; hysteresis 1 halves the scale per overflow.
+    fp16 = {"initial_scale_power": 40, "hysteresis": 1, "loss_scale_window": 100}
+    results = run_ranks(train_zero3_half, 2, "fp16", dict(lr=0.5, fp16=fp16))
+    log = results[0][0]
+    assert log[0] == (True, True, 2.0 ** 39), log  # skipped, bit-identical, scale lowered
+    assert results[1][0] == log, "ranks disagree on overflow"
+    dtypes = {p.dtype for p in results[0][1].values()}
+    assert dtypes == {torch.float64}
+
+
+def test_zero3_bf16_matches_sgd_to_bf16_precision():
+    opts = dict(lr=0.5, stochastic_rounding=True)
+    log, params = run_ranks(train_zero3_half, 2, "bf16", opts)[0]
+    assert not any(skipped for skipped, _, _ in log) and not any(unchanged for _, unchanged, _ in log)
+    model, vocab = build("llama")
+    ref = reference_sgd(model.to(torch.bfloat16).float(), STEPS, 2, vocab, lr=0.5)
+    for name, expected in ref.items():
+        assert (params[name] - expected).abs().max().item() < 0.03 * (1 + expected.abs().max().item()), name
