@@ -126,17 +126,23 @@ def refresh_partitions(engine) -> None:
         persistent[0].all_gather(persistent)
 
 
-@contextlib.contextmanager
-def gathered(params, modifier_rank=None):
-    """Gather ZeRO-3 parameters for reading (or for writing on ``modifier_rank``)."""
-    import deepspeed
+def consolidated_state_dict(engine) -> dict:
+    """The full weights, gathered module by module onto rank 0's CPU (other ranks get an empty dict).
+    Collective: every rank must call it."""
+    return engine._zero3_consolidated_16bit_state_dict()  # despite the name, keeps each parameter's dtype
 
-    params = [p for p in params if is_zero3_param(p)]
-    if not params:
-        yield
-        return
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
-        yield
+
+@torch.no_grad()
+def load_full_param_(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Write this rank's slice of the full tensor ``full`` into ``p``'s shard (no communication).
+    Call ``refresh_partitions`` afterwards so gathered copies are dropped."""
+    shard = p.ds_tensor
+    n = shard.numel()
+    rank = dist.get_rank(p.ds_process_group) if dist.is_initialized() else 0
+    start = rank * n
+    valid = max(0, min(n, p.ds_numel - start))
+    if valid:
+        shard[:valid].copy_(full.reshape(-1)[start:start + valid])
 
 
 def disable_cpu_shm_build() -> None:

@@ -55,12 +55,14 @@ def batch(step: int, rank: int, vocab: int, bsz: int = 2, seq: int = 12) -> torc
 
 def reference_sgd(model: nn.Module, steps: int, world: int, vocab: int, lr: float, weight_decay: float = 0.0,
                   clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
-                  per_param: bool = False) -> dict[str, torch.Tensor]:
-    """Plain float64 SGD on the rank-averaged loss, written from the definitions, sharing no code with LOMO."""
+                  per_param: bool = False, batches=None) -> dict[str, torch.Tensor]:
+    """Plain float64 SGD on the rank-averaged loss, written from the definitions, sharing no code with LOMO.
+    ``batches[step][rank]`` overrides the generated batches (e.g. the ones a trainer actually drew)."""
     model = copy.deepcopy(model).double()
+    get = (lambda s, r: batches[s][r]) if batches is not None else (lambda s, r: batch(s, r, vocab))
     names, params = zip(*[(n, p) for n, p in model.named_parameters()])
     for step in range(steps):
-        loss = sum(model(input_ids=b, labels=b).loss for b in (batch(step, r, vocab) for r in range(world))) / world
+        loss = sum(model(input_ids=b, labels=b).loss for b in (get(step, r) for r in range(world))) / world
         grads = torch.autograd.grad(loss, params)
         coef = 1.0
         if clip_grad_norm is not None and not per_param:

@@ -1,0 +1,73 @@
+"""DeepSpeed's scheduler blocks (WarmupLR, WarmupDecayLR, WarmupCosineLR) as torch LambdaLR schedules.
+
+DeepSpeed builds its schedulers around its own optimizer, which a LOMO engine does not have; the same
+curves are reproduced here, driving ``param_groups[i]["lr"]`` of the LOMO optimizer. Parameter names and
+defaults follow deepspeed/runtime/lr_schedules.py; "auto" values come from TrainingArguments as in HF.
+"""
+from __future__ import annotations
+
+import math
+
+from torch.optim.lr_scheduler import LambdaLR
+
+from .config import ConfigError
+
+_KNOWN = {
+    "WarmupLR": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type", "last_batch_iteration"},
+    "WarmupDecayLR": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type", "total_num_steps",
+                      "last_batch_iteration"},
+    "WarmupCosineLR": {"warmup_min_ratio", "warmup_num_steps", "warmup_type", "total_num_steps", "cos_min_ratio",
+                       "last_batch_iteration"},
+}
+
+
+def _warmup_gamma(step: int, warmup: int, kind: str) -> float:
+    if warmup <= 0 or step >= warmup:
+        return 1.0
+    if kind == "log":  # DeepSpeed's default: log(step + 1) / log(warmup)
+        return math.log(step + 1) / math.log(warmup) if warmup > 1 else 1.0
+    return step / warmup
+
+
+def deepspeed_scheduler(block: dict, optimizer, num_training_steps: int, args) -> LambdaLR:
+    kind = block["type"]
+    params = dict(block.get("params") or {})
+    unknown = set(params) - _KNOWN[kind]
+    if unknown:
+        raise ConfigError(f"scheduler.params has unknown key(s) {sorted(unknown)} for {kind}: allowed are "
+                          f"{sorted(_KNOWN[kind])}")
+
+    def get(key, default):
+        value = params.get(key, default)
+        return default if value == "auto" else value
+
+    base_lr = optimizer.param_groups[0]["lr"]
+    warmup = int(get("warmup_num_steps", args.get_warmup_steps(num_training_steps)))
+    wtype = get("warmup_type", "log")
+    if wtype not in ("log", "linear"):
+        raise ConfigError(f"scheduler.params.warmup_type={wtype!r}: use \"log\" or \"linear\"")
+    total = int(get("total_num_steps", num_training_steps))
+    if kind != "WarmupLR" and total <= warmup:
+        raise ConfigError(f"scheduler.params.total_num_steps={total} must exceed warmup_num_steps={warmup}")
+
+    if kind == "WarmupCosineLR":
+        min_ratio, cos_min = float(get("warmup_min_ratio", 0.0)), float(get("cos_min_ratio", 1e-4))
+
+        def factor(step):
+            if step < warmup:
+                return min_ratio + (1 - min_ratio) * _warmup_gamma(step, warmup, wtype)
+            progress = min(1.0, (step - warmup) / (total - warmup))
+            return cos_min + (1 - cos_min) * 0.5 * (1 + math.cos(math.pi * progress))
+        return LambdaLR(optimizer, factor)
+
+    lo, hi = float(get("warmup_min_lr", 0.0)), float(get("warmup_max_lr", base_lr))
+    if not math.isclose(hi, base_lr):
+        raise ConfigError(f"scheduler.params.warmup_max_lr={hi} but the optimizer lr is {base_lr}: "
+                          "set one to match or use \"auto\"")
+
+    def factor(step):
+        lr = lo + (hi - lo) * _warmup_gamma(step, warmup, wtype)
+        if kind == "WarmupDecayLR" and step >= warmup:
+            lr = hi * max(0.0, (total - step) / (total - warmup))
+        return lr / base_lr if base_lr else 0.0
+    return LambdaLR(optimizer, factor)

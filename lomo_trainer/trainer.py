@@ -1,0 +1,379 @@
+"""LOMOTrainer: ``transformers.Trainer`` with LOMO's fused update, on DeepSpeed ZeRO-3 or a plain module.
+
+Swap ``Trainer`` for ``LOMOTrainer``; keep TrainingArguments, datasets, collators, callbacks and
+``report_to``. With ``TrainingArguments(deepspeed="configs/zero3_bf16.json")`` DeepSpeed builds a ZeRO-3
+engine *without* an optimizer and each rank updates its own shard inside backward; without DeepSpeed the
+module is trained directly (gradients averaged across processes when launched with torchrun).
+
+The training loop is LOMOTrainer's own (the stock loop's backward/step/clip sequence is exactly what LOMO
+replaces), built from the Trainer's public parts: dataloaders, ``compute_loss``, callbacks and logging,
+TrainerState, ``evaluate``. Checkpoints are LOMO's own too: LOMO has no optimizer state and no fp32 master
+copy, so a checkpoint is the model folder (loadable by ``from_pretrained``) plus the scheduler, loss scaler,
+RNG and data position; it is written to ``checkpoint-N.tmp`` and renamed, so a crash never destroys the
+previous one. SIGTERM saves a checkpoint at the end of the current step, then exits.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer, TrainerState
+from transformers.trainer_utils import TrainOutput
+
+from . import _zero
+from .config import ConfigError, engine_config, load_json, validate
+from .optimizer import LOMO
+from .schedulers import deepspeed_scheduler
+
+logger = logging.getLogger(__name__)
+
+CKPT_PREFIX = "checkpoint-"
+LOMO_STATE = "lomo_state_rank{}.pt"
+SCHEDULER = "scheduler.pt"
+TRAINER_STATE = "trainer_state.json"
+
+try:  # on a CPU-only machine DeepSpeed would compile an inference-only op at start-up: skip it
+    _zero.disable_cpu_shm_build()
+except ImportError:
+    pass
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint folder in ``output_dir`` (``*.tmp`` folders are unfinished)."""
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(output_dir, CKPT_PREFIX + "*"))
+             if (m := re.fullmatch(CKPT_PREFIX + r"(\d+)", os.path.basename(p))) and os.path.isdir(p)]
+    return max(found)[1] if found else None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class LOMOTrainer(Trainer):
+    """An HF Trainer whose optimizer is LOMO. ``lomo_config`` gives LOMO's parameters for runs without a
+    DeepSpeed JSON (same keys as the JSON's ``optimizer.params``)."""
+
+    def __init__(self, model=None, args=None, *pos, lomo_config: dict | None = None, **kwargs):
+        if args is None:
+            raise ConfigError("LOMOTrainer needs TrainingArguments (args=...)")
+        if kwargs.get("optimizers", (None, None)) != (None, None):
+            raise ConfigError("optimizers=(...) cannot be combined with LOMOTrainer: LOMO is the optimizer")
+        self._ds_config = load_json(args.deepspeed) if args.deepspeed else None
+        self.lomo_settings = validate(self._ds_config, args, lomo_config)  # before any process group or GPU use
+        for message in self.lomo_settings.warnings:
+            logger.warning(message)
+        hf_ds = getattr(args, "hf_deepspeed_config", None)
+        if hf_ds is not None:  # accelerate must never build a DeepSpeed optimizer or scheduler for us
+            hf_ds.config.pop("optimizer", None)
+            hf_ds.config.pop("scheduler", None)
+        super().__init__(model, args, *pos, **kwargs)
+        self._stop_signal = False
+        self._tokens = None
+
+    # ------------------------------------------------------------------ set-up
+    def create_optimizer(self, model=None):
+        return self.optimizer  # built in _setup_lomo, once the engine exists
+
+    def _setup_lomo(self, max_steps: int):
+        s, args = self.lomo_settings, self.args
+        if self._ds_config is not None:
+            import deepspeed
+
+            engine = self.deepspeed
+            if engine is None:
+                world = dist.get_world_size() if dist.is_initialized() else 1
+                cfg = engine_config(self._ds_config, args, world)
+                engine, *_ = deepspeed.initialize(model=self.model, config=cfg)
+                self.model_wrapped = self.deepspeed = engine
+                # evaluate() builds its own DeepSpeed engine when accelerate knows no model: show it this one
+                self.accelerator._models.append(engine)
+            self.optimizer = LOMO(engine, **s.optimizer_kwargs())
+            model = engine
+        else:
+            if s.fp16:  # no fp32 master copy: weights live in the training dtype, as under DeepSpeed
+                self.model.half()
+            elif s.bf16:
+                self.model.to(torch.bfloat16)
+            self.model.to(args.device)
+            self.optimizer = LOMO(self.model, **s.optimizer_kwargs())
+            model = self.model_wrapped = self.model
+        if s.scheduler is not None:
+            self.lr_scheduler = deepspeed_scheduler(s.scheduler, self.optimizer, max_steps, args)
+        else:
+            self.lr_scheduler = None
+            self.create_scheduler(num_training_steps=max_steps, optimizer=self.optimizer)
+        return model
+
+    # ------------------------------------------------------------------ one step
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One fused LOMO step on one batch: forward (twice with global-norm clipping or fp16), backward with
+        the update inside, nothing left to step afterwards. Returns the detached loss."""
+        module = self.model  # forward through the bare module: ZeRO-3's gather hooks live on it
+        module.train()
+        inputs = self._prepare_inputs(inputs)
+        loss = self.optimizer.step(lambda: self.compute_loss(module, inputs))
+        mask = inputs.get("attention_mask")
+        tokens = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+        self._tokens = tokens if self._tokens is None else self._tokens + tokens
+        return loss
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if trial is not None:
+            raise ConfigError("hyperparameter search is not supported by LOMOTrainer")
+        args = self.args
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_checkpoint(args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ConfigError(f"resume_from_checkpoint=True but {args.output_dir} holds no checkpoint-N folder")
+        if resume_from_checkpoint and not os.path.isfile(os.path.join(resume_from_checkpoint, TRAINER_STATE)):
+            raise ConfigError(f"{resume_from_checkpoint} is not a LOMOTrainer checkpoint (no {TRAINER_STATE})")
+        self.is_in_train = True
+        train_dl = self.get_train_dataloader()
+        steps_per_epoch = len(train_dl)
+        if steps_per_epoch == 0:
+            raise ConfigError("the training set yields no batch: check the dataset and per_device_train_batch_size")
+        max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+        num_epochs = math.ceil(max_steps / steps_per_epoch)
+        model = self._setup_lomo(max_steps)
+
+        self.state = TrainerState(stateful_callbacks=[cb for cb in self.callback_handler.callbacks + [self.control]
+                                                      if hasattr(cb, "state") and callable(cb.state)])
+        self.state.max_steps, self.state.num_train_epochs = max_steps, num_epochs
+        self.state.train_batch_size = self._train_batch_size
+        self.state.compute_steps(args, max_steps)
+        self.state.is_local_process_zero = self.is_local_process_zero()
+        self.state.is_world_process_zero = self.is_world_process_zero()
+        if resume_from_checkpoint:
+            self._load_checkpoint(resume_from_checkpoint)
+        start_step = self.state.global_step
+        epoch0, skip = divmod(start_step, steps_per_epoch)
+
+        for attr in ("model", "optimizer", "lr_scheduler"):
+            setattr(self.callback_handler, attr, getattr(self, attr))
+        self.callback_handler.train_dataloader = train_dl
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        logger.info(f"LOMO training: {max_steps} steps, {num_epochs} epochs, {steps_per_epoch} steps/epoch, "
+                    f"resuming at step {start_step}" if start_step else f"LOMO training: {max_steps} steps")
+        tr_loss = torch.zeros((), device=args.device)
+        self._loss_since_log, self._steps_since_log, self._log_time = tr_loss.clone(), 0, time.time()
+        start = time.time()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            for epoch in range(epoch0, num_epochs):
+                if hasattr(train_dl, "set_epoch"):
+                    train_dl.set_epoch(epoch)
+                batches = train_dl
+                if epoch == epoch0 and skip:
+                    from accelerate import skip_first_batches
+                    batches = skip_first_batches(train_dl, skip)
+                self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
+                for i, inputs in enumerate(batches, start=skip if epoch == epoch0 else 0):
+                    self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+                    loss = self.training_step(model, inputs)
+                    tr_loss += loss
+                    self._loss_since_log += loss
+                    self._steps_since_log += 1
+                    if not self.optimizer.last_step_skipped:  # fp16 overflow: the schedule waits, as in DeepSpeed
+                        self.lr_scheduler.step()
+                    self.state.global_step += 1
+                    self.state.epoch = epoch + (i + 1) / steps_per_epoch
+                    self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+                    if self._stop_requested():
+                        self.control.should_save = self.control.should_training_stop = True
+                    self._log_evaluate_save()
+                    if self.control.should_epoch_stop or self.control.should_training_stop:
+                        break
+                self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
+                self._log_evaluate_save()
+                if self.control.should_training_stop:
+                    break
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if self._stop_signal:
+            logger.warning(f"SIGTERM: saved {CKPT_PREFIX}{self.state.global_step}, exiting")
+            raise SystemExit(128 + signal.SIGTERM)
+
+        steps_run = max(self.state.global_step - start_step, 1)
+        if dist.is_initialized():
+            dist.all_reduce(tr_loss)
+            tr_loss /= dist.get_world_size()
+        metrics = {"train_runtime": round(time.time() - start, 4), "train_loss": tr_loss.item() / steps_run,
+                   "train_steps_per_second": round(steps_run / (time.time() - start), 3)}
+        self.is_in_train = False
+        self.log(metrics)
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
+
+    def _on_sigterm(self, signum, frame):
+        self._stop_signal = True
+
+    def _stop_requested(self) -> bool:
+        """True on every rank if any rank got SIGTERM (one scalar all-reduce per step)."""
+        flag = torch.tensor(float(self._stop_signal), device=self.args.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._stop_signal = bool(flag.item())
+        return self._stop_signal
+
+    def _log_evaluate_save(self) -> None:
+        if self.control.should_log and self._steps_since_log:
+            self.log(self._step_metrics())
+        if self.control.should_evaluate:
+            self.evaluate()
+            self.model.train()
+        if self.control.should_save:
+            self._save_checkpoint(self.model, trial=None)
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+
+    def _step_metrics(self) -> dict:
+        """Loss, lr, grad norm, loss scale, tokens/s and peak memory since the last log (one sync)."""
+        opt = self.optimizer
+        values = torch.stack([self._loss_since_log.float(), (self._tokens if self._tokens is not None
+                                                              else torch.zeros(())).float().to(self.args.device)])
+        if dist.is_initialized():
+            dist.all_reduce(values)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        loss_sum, tokens = values.tolist()
+        elapsed = max(time.time() - self._log_time, 1e-9)
+        logs = {"loss": round(loss_sum / world / self._steps_since_log, 6),
+                "learning_rate": opt.param_groups[0]["lr"],
+                "tokens_per_second": round(tokens / elapsed, 1),
+                "peak_memory_gb": round(_peak_memory_gb(self.args.device), 3)}
+        if opt.grad_norm is not None:
+            logs["grad_norm"] = opt.grad_norm
+        if opt.loss_scale is not None:
+            logs["loss_scale"] = opt.loss_scale
+            logs["skipped_steps"] = opt.loss_scaler.overflows
+        self._loss_since_log.zero_()
+        self._steps_since_log, self._tokens, self._log_time = 0, None, time.time()
+        return logs
+
+    # ------------------------------------------------------------------ saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write a ``from_pretrained`` folder (safetensors, config, tokenizer). Collective under ZeRO-3."""
+        output_dir = output_dir or self.args.output_dir
+        if self.deepspeed is not None:
+            state_dict = _zero.consolidated_state_dict(self.deepspeed)
+        else:
+            state_dict = self.model.state_dict()
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            self.model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        _barrier()
+
+    def _save_checkpoint(self, model, trial=None, metrics=None) -> None:
+        final = os.path.join(self.args.output_dir, f"{CKPT_PREFIX}{self.state.global_step}")
+        tmp = final + ".tmp"
+        if self.args.should_save:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier()
+        self.save_model(tmp, _internal_call=True)
+        torch.save({"optimizer": self.optimizer.state_dict(), "rng": _rng_states()},
+                   os.path.join(tmp, LOMO_STATE.format(_rank())))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER))
+            self.state.save_to_json(os.path.join(tmp, TRAINER_STATE))
+        _barrier()
+        if self.args.should_save:  # swap in the finished folder; the old one goes only after that
+            old = final + ".old"
+            if os.path.isdir(final):
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            self._rotate()
+        _barrier()
+
+    def _rotate(self) -> None:
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        found = sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(self.args.output_dir, CKPT_PREFIX + "*"))
+                       if (m := re.fullmatch(CKPT_PREFIX + r"(\d+)", os.path.basename(p))))
+        for _, path in found[:-limit]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _load_checkpoint(self, folder: str) -> None:
+        from safetensors import safe_open
+
+        self.state = TrainerState.load_from_json(os.path.join(folder, TRAINER_STATE))
+        self.state.is_local_process_zero = self.is_local_process_zero()
+        self.state.is_world_process_zero = self.is_world_process_zero()
+        params = dict(self.model.named_parameters())
+        loaded = set()
+        for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    p = params.get(name)
+                    if p is None:
+                        continue
+                    full = f.get_tensor(name)
+                    with torch.no_grad():
+                        if _zero.is_zero3_param(p):
+                            _zero.load_full_param_(p, full)
+                        else:
+                            p.copy_(full)
+                    loaded.add(name)
+        missing = [n for n, p in params.items() if n not in loaded and not _is_tied(self.model, n)]
+        if missing:
+            raise ConfigError(f"{folder} lacks weights for {missing[:3]}...: it does not belong to this model")
+        _zero.refresh_partitions(self.deepspeed)
+        state_file = os.path.join(folder, LOMO_STATE.format(_rank()))
+        if not os.path.isfile(state_file):  # resumed on fewer/more ranks: the scaler and step are shared
+            state_file = os.path.join(folder, LOMO_STATE.format(0))
+        lomo_state = torch.load(state_file, weights_only=False)
+        self.optimizer.load_state_dict(lomo_state["optimizer"])
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(folder, SCHEDULER), weights_only=False))
+        _set_rng_states(lomo_state["rng"])
+
+
+def _is_tied(model, name: str) -> bool:
+    """A parameter saved under another name (tied input/output embeddings)."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    names = tied.keys() if isinstance(tied, dict) else tied
+    return any(re.fullmatch(pattern, name) or pattern == name for pattern in names)
+
+
+def _peak_memory_gb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _rng_states() -> dict:
+    import random
+
+    import numpy as np
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_states(state: dict) -> None:
+    import random
+
+    import numpy as np
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
