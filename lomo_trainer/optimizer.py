@@ -109,14 +109,14 @@ class LOMO(torch.optim.Optimizer):
         self._checked = False
         self._world = 1
 
-        self._group_of: dict[nn.Parameter, dict] = {}
-        self._handles = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                self._group_of[p] = group
-                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+        self._index_groups()
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._group_of]
 
     # ------------------------------------------------------------------ set-up
+    def _index_groups(self) -> None:
+        # parameter -> its group dict; rebuilt whenever torch replaces the group dicts (load_state_dict)
+        self._group_of: dict[nn.Parameter, dict] = {p: g for g in self.param_groups for p in g["params"]}
+
     def attach_engine(self, engine) -> None:
         """Bind the ZeRO-3 engine that partitions this module (if the module was passed before
         ``deepspeed.initialize``). Parameter objects are the same, so the hooks stay valid."""
@@ -270,6 +270,7 @@ class LOMO(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("lomo", None) or {}
         super().load_state_dict(state_dict)
+        self._index_groups()
         self.global_step = int(extra.get("global_step", 0))
         if extra.get("loss_scaler") is not None and self.loss_scaler is not None:
             self.loss_scaler.load_state_dict(extra["loss_scaler"])

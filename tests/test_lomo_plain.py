@@ -56,6 +56,22 @@ def test_lr_is_read_from_param_groups_each_step():
     assert torch.equal(model.weight, after_one)
 
 
+def test_state_dict_round_trip_restores_lr_step_and_scaler():
+    model = nn.Linear(3, 1, bias=False)
+    opt = LOMO(model, lr=0.1, fp16={"initial_scale_power": 3, "loss_scale_window": 1})
+    opt.step(lambda: model(torch.ones(1, 3)).sum())
+    opt.param_groups[0]["lr"] = 0.25
+    state = opt.state_dict()
+    fresh_model = nn.Linear(3, 1, bias=False)
+    fresh_model.load_state_dict(model.state_dict())
+    fresh = LOMO(fresh_model, lr=0.0, fp16={"initial_scale_power": 3, "loss_scale_window": 1})
+    fresh.load_state_dict(state)
+    assert fresh.global_step == 1 and fresh.loss_scale == 16.0
+    before = fresh_model.weight.detach().clone()
+    fresh.step(lambda: fresh_model(torch.ones(1, 3)).sum())
+    assert torch.allclose(fresh_model.weight, before - 0.25), "the loaded lr must drive the update"
+
+
 def test_closure_must_not_call_backward_and_step_needs_closure():
     model = nn.Linear(3, 1)
     opt = LOMO(model, lr=0.1)

@@ -62,9 +62,10 @@ def multirc_em(preds: Sequence[Sequence], golds: Sequence[Sequence]) -> float:
 
 
 def multirc_scores(preds: Sequence[Sequence], golds: Sequence[Sequence]) -> dict:
+    em = multirc_em(preds, golds)  # first: it checks the groups line up
     flat_p = [x for group in preds for x in group]
     flat_g = [x for group in golds for x in group]
-    return {"f1a": binary_f1(flat_p, flat_g), "em": multirc_em(preds, golds)}
+    return {"f1a": binary_f1(flat_p, flat_g), "em": em}
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
