@@ -22,10 +22,8 @@ _KNOWN = {
 
 
 def _warmup_gamma(step: int, warmup: int, kind: str) -> float:
-    if warmup <= 0 or step >= warmup:
-        return 1.0
     if kind == "log":  # DeepSpeed's default: log(step + 1) / log(warmup)
-        return math.log(step + 1) / math.log(warmup) if warmup > 1 else 1.0
+        return math.log(step + 1) / math.log(warmup)
     return step / warmup
 
 
@@ -42,22 +40,25 @@ def deepspeed_scheduler(block: dict, optimizer, num_training_steps: int, args) -
         return default if value == "auto" else value
 
     base_lr = optimizer.param_groups[0]["lr"]
-    warmup = int(get("warmup_num_steps", args.get_warmup_steps(num_training_steps)))
+    warmup = max(2, int(get("warmup_num_steps", args.get_warmup_steps(num_training_steps))))  # DeepSpeed's floor
     wtype = get("warmup_type", "log")
     if wtype not in ("log", "linear"):
         raise ConfigError(f"scheduler.params.warmup_type={wtype!r}: use \"log\" or \"linear\"")
     total = int(get("total_num_steps", num_training_steps))
-    if kind != "WarmupLR" and total <= warmup:
-        raise ConfigError(f"scheduler.params.total_num_steps={total} must exceed warmup_num_steps={warmup}")
 
+    # LambdaLR's step k applies DeepSpeed's iteration k - 1: DeepSpeed sets the lr of iteration 0 only after
+    # its first step() (before that: warmup_min_lr, or 0 for the cosine schedule).
     if kind == "WarmupCosineLR":
         min_ratio, cos_min = float(get("warmup_min_ratio", 0.0)), float(get("cos_min_ratio", 1e-4))
 
-        def factor(step):
-            if step < warmup:
-                return min_ratio + (1 - min_ratio) * _warmup_gamma(step, warmup, wtype)
-            progress = min(1.0, (step - warmup) / (total - warmup))
-            return cos_min + (1 - cos_min) * 0.5 * (1 + math.cos(math.pi * progress))
+        def factor(k):
+            j = k - 1
+            if j < 0:
+                return 0.0
+            if j < warmup:
+                return min_ratio + (1 - min_ratio) * _warmup_gamma(j, warmup, wtype)
+            progress = min(1.0, (j - warmup + 1) / max(1, total - warmup))
+            return max(0.0, cos_min + (1 - cos_min) * (1 + math.cos(math.pi * progress)) / 2)
         return LambdaLR(optimizer, factor)
 
     lo, hi = float(get("warmup_min_lr", 0.0)), float(get("warmup_max_lr", base_lr))
@@ -65,9 +66,15 @@ def deepspeed_scheduler(block: dict, optimizer, num_training_steps: int, args) -
         raise ConfigError(f"scheduler.params.warmup_max_lr={hi} but the optimizer lr is {base_lr}: "
                           "set one to match or use \"auto\"")
 
-    def factor(step):
-        lr = lo + (hi - lo) * _warmup_gamma(step, warmup, wtype)
-        if kind == "WarmupDecayLR" and step >= warmup:
-            lr = hi * max(0.0, (total - step) / (total - warmup))
-        return lr / base_lr if base_lr else 0.0
+    def factor(k):
+        j = k - 1
+        if j < 0:
+            gamma = 0.0
+        elif j < warmup:
+            gamma = _warmup_gamma(j, warmup, wtype)
+        elif kind == "WarmupDecayLR":
+            gamma = max(0.0, (total - j) / max(1.0, total - warmup))
+        else:
+            gamma = 1.0
+        return (lo + (hi - lo) * gamma) / base_lr if base_lr else 0.0
     return LambdaLR(optimizer, factor)
