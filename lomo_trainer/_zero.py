@@ -16,6 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+# torch 2.13 renamed reduce_scatter_tensor (the old name warns); the GPU images run older torch.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def is_zero3_param(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_tensor") and hasattr(p, "ds_numel")
@@ -50,7 +53,7 @@ def reduce_to_shard(p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, 
         if pad:
             flat = F.pad(flat, (0, pad))
         out = torch.empty(n, dtype=flat.dtype, device=flat.device)
-        dist.reduce_scatter_tensor(out, flat, group=group)
+        _reduce_scatter(out, flat, group=group)
     # Tiny tensors can be all padding on several ranks: clamp instead of a negative-length narrow.
     valid = max(0, min(n, p.ds_numel - rank * n))
     return out[:valid].to(shard.device, non_blocking=True), shard[:valid]

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 from .config import ConfigError, load_json, validate
@@ -96,6 +97,8 @@ def parse(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # DeepSpeed still calls collectives that torch 2.13 renamed: one warning per call and rank is noise
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
     try:
         run, targs_kwargs = parse(argv)
         lomo_config = json.loads(run.lomo_config) if run.lomo_config else None

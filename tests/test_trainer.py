@@ -62,9 +62,9 @@ def gathered_weights(trainer):
     return {k: v.double().clone() for k, v in sd.items()} if sd else None
 
 
-def train_and_compare(rank, world, out, clip):
+def train_and_compare(rank, world, out, clip, zero3=True):
     rec = Recorder()
-    trainer = make_trainer(_args(out, ds_config(clip), max_grad_norm=clip), rec)
+    trainer = make_trainer(_args(out, ds_config(clip) if zero3 else None, max_grad_norm=clip), rec)
     trainer.train()
     weights = gathered_weights(trainer)
     lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
@@ -72,9 +72,10 @@ def train_and_compare(rank, world, out, clip):
     return weights, [b for _, b in rec.batches], lrs, grad_norms
 
 
-@pytest.mark.parametrize("clip", [0.0, 0.5])
-def test_trainer_two_ranks_matches_sgd(tmp_path, clip):
-    results = run_ranks(train_and_compare, 2, str(tmp_path), clip)
+@pytest.mark.parametrize("clip,zero3", [(0.0, True), (0.5, True), (0.5, False)],
+                         ids=["zero3", "zero3-clip", "no-deepspeed-clip"])
+def test_trainer_two_ranks_matches_sgd(tmp_path, clip, zero3):
+    results = run_ranks(train_and_compare, 2, str(tmp_path), clip, zero3)
     weights, _, lrs, grad_norms = results[0]
     batches = [[results[r][1][s] for r in range(2)] for s in range(STEPS)]
     assert not torch.equal(batches[0][0], batches[0][1]), "ranks must see different data"
@@ -149,3 +150,36 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(tmp_path):
     reference.load_state_dict({k: v.float() for k, v in got.items()}, strict=False)
     with torch.no_grad():
         assert loaded(input_ids=ids, labels=ids).loss.item() == reference(input_ids=ids, labels=ids).loss.item()
+
+
+def train_with_loggers(rank, world, out):
+    os.environ.update(WANDB_MODE="offline", WANDB_DIR=out, WANDB_PROJECT="lomo-test", WANDB_SILENT="true")
+    trainer = make_trainer(_args(out, None, max_grad_norm=0.5, report_to=["tensorboard", "wandb"],
+                                 max_steps=3))
+    trainer.train()
+    import wandb
+    wandb.finish()  # a forked rank skips atexit, where a normal script finishes the run
+    return trainer.state.log_history
+
+
+def test_metrics_reach_tensorboard_and_wandb(tmp_path):
+    history = run_ranks(train_with_loggers, 1, str(tmp_path))[0]
+    wanted = {"loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_gb"}
+    assert wanted <= set(history[0]), history[0]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if "tfevents" in f]
+    assert events, "no tensorboard event file"
+    tags = set()
+    for path in events:
+        acc = EventAccumulator(path)
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {f"train/{k}" for k in wanted} <= tags, tags
+
+    runs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "wandb") for f in fs if f.endswith(".wandb")]
+    assert runs, "no offline wandb run"
+    raw = open(runs[0], "rb").read()  # history keys are stored as plain strings in the run's records
+    missing = [k for k in wanted if f"train/{k}".encode() not in raw]
+    assert not missing, f"wandb run lacks {missing}"
