@@ -62,6 +62,8 @@ def parse(argv: list[str]):
     """RUN.json + overrides -> (RunArguments, TrainingArguments kwargs); no process group is created here."""
     from transformers import HfArgumentParser, TrainingArguments
 
+    # the deepspeed launcher puts --local_rank=N first; the rank comes from the environment anyway
+    argv = [a for a in argv if not a.startswith("--local_rank")]
     if not argv or argv[0].startswith("-"):
         raise ConfigError("usage: lomo-train RUN.json [--key value ...]  (see configs/ for run configs)")
     run_file, overrides = argv[0], argv[1:]
