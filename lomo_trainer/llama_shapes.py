@@ -102,8 +102,9 @@ def load_shape(spec: str) -> LlamaShape:
     preset, since there is no network), a config.json file, or a local model folder (read with AutoConfig)."""
     if spec.lower() in PRESETS:
         return PRESETS[spec.lower()]
-    if os.path.isfile(spec):
-        with open(spec) as f:
+    path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
+    if os.path.isfile(path):  # read directly: a bare LLaMA config.json needs no model_type for us
+        with open(path) as f:
             return from_hf_config(json.load(f), name=spec)
     if os.path.isdir(spec):
         from transformers import AutoConfig

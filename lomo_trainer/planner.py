@@ -8,13 +8,14 @@ against the benchmark's measurements; see docs/benchmarks.md):
 
 - parameter shards: every parameter's ``ds_tensor`` holds ``ceil(numel / gpus)`` elements (0 on the GPU with
   ``offload_param``); parameters under ``stage3_param_persistence_threshold`` also stay gathered, whole.
-- gathered working set: ZeRO-3 gathers module by module; the largest module (the embedding or the LM head) is
-  whole while it runs, plus up to ``stage3_prefetch_bucket_size`` elements prefetched, capped by
-  ``stage3_max_live_parameters``.
+- gathered working set: ZeRO-3 gathers module by module. The embedding (the first module) stays gathered once
+  the trace is complete, the LM head is whole while it runs, and training prefetches up to
+  ``stage3_prefetch_bucket_size`` elements ahead (capped by ``stage3_max_live_parameters``).
 - gradients: LOMO and the floor hold one full gradient at a time (the largest parameter's, in the weight
   dtype; LOMO adds its fp32 shard math). DeepSpeed's ZeRO-3 optimizer keeps a partitioned gradient buffer
   (weight dtype), an fp32 gradient buffer for the optimizer, and the reduce bucket
-  (``reduce_bucket_size`` elements, allocated whole on a GPU; on CPU only the pages written count).
+  (``reduce_bucket_size`` elements, allocated whole on a GPU; on CPU only the pages written count); its step
+  makes the fp32 gradient of the shard (4 B per element) for the torch optimizer and frees it after.
 - optimizer states: AdamW = fp32 master + m + v (12 B per element of the shard; the master copy is the weight
   itself in fp32 training); SGD without momentum = fp32 master (4 B); LOMO = 0.
 - activations (HF LLaMA with SDPA/flash attention, no s^2 term), bytes per token per layer, d = weight bytes:
@@ -25,8 +26,8 @@ against the benchmark's measurements; see docs/benchmarks.md):
 - the loss: the logits are upcast to fp32 for the cross entropy; its backward holds the saved log-probs, their
   gradient and the logits' gradient at once: 12 B x vocab per token. The peak of backward is the larger of that
   moment and the LM-head backward (logits gradient d x vocab per token + the largest full gradient).
-- AdamW/SGD also have a step phase (no activations; torch's multi-tensor AdamW makes one fp32 temporary of
-  the shard); the peak is the larger phase.
+- AdamW/SGD also have a step phase (no activations; the fp32 gradient, and torch's multi-tensor AdamW makes
+  one more fp32 temporary of the shard); the peak is the larger phase.
 - framework overhead (GPU only, for the verdict): CUDA context + cuBLAS workspace + NCCL buffers, about
   1 GiB, and the caching allocator's reserve over what is allocated, taken as 10%. Measured peaks
   (``max_memory_allocated``) are compared with the total before these two.
@@ -109,14 +110,18 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
     t: dict[str, int] = {}
     t["param_shards"] = 0 if setup.offload_param else d * n_shard
     t["persistent_params"] = d * persistent_numel
-    prefetch = min(z.prefetch_bucket_size, n - largest)
-    t["gathered_working_set"] = d * min(z.max_live_parameters, largest + prefetch)
+    # The first module (the embedding) stays gathered once ZeRO's trace is complete; the LM head is gathered
+    # for its forward and backward; training prefetches ahead of backward. Never more than the whole model.
+    embed = params[0][1]
+    head = max(k for name, k in params[1:]) if len(params) > 1 else 0
+    working = embed + head + (min(z.prefetch_bucket_size, z.max_live_parameters) if training else 0)
+    t["gathered_working_set"] = d * min(n, working)
 
     # Gradients: buffers that live through the whole step, and the one full gradient in flight.
     grad_buffers = 0
     if mode in ("adamw", "sgd"):
         bucket = z.reduce_bucket_size if setup.device == "cuda" else min(z.reduce_bucket_size, n)
-        grad_buffers = d * n_shard + 4 * n_shard + d * bucket
+        grad_buffers = d * n_shard + d * bucket
     grad_in_flight = d * largest if training else 0
     if mode == "lomo":  # reduce-scatter output + fp32 copies of the gradient and weight slices
         grad_in_flight += (d + 8) * ceil_div(largest, g)
@@ -126,11 +131,12 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
     master = 0 if d == 4 else 4 * n_shard
     t["optimizer_states"] = {"adamw": master + 8 * n_shard, "sgd": master}.get(mode, 0)
     adam_temp = 0 if (setup.device == "cuda" and setup.fused_adamw) else 4 * n_shard
-    t["optimizer_step_temporaries"] = adam_temp if mode == "adamw" else 0
+    # The step makes the fp32 gradient of the shard, and multi-tensor AdamW one more fp32 temporary.
+    t["optimizer_step_temporaries"] = (4 * n_shard + (adam_temp if mode == "adamw" else 0)) if mode in ("adamw", "sgd") else 0
 
     per_layer = activation_bytes_per_token_layer(shape, d)
     norm_out = (4 * shape.hidden + 2 * d * shape.hidden) * T           # final RMSNorm, saved for backward
-    if not training:  # no_grad: nothing saved; one layer's transients and the loss's logits
+    if not training:  # no_grad: nothing saved; a layer's transients, then the logits, their fp32 copy and log-probs
         t["activations"] = d * (2 * shape.hidden + 3 * shape.intermediate) * T
         t["loss_logits"] = (d + 8 - (4 if d == 4 else 0)) * shape.vocab * T
     elif setup.activation_checkpointing:
@@ -151,7 +157,7 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
             t["peak_moment"] = "optimizer step"
         total = max(backward, step)
     else:
-        total = static + t["gathered_working_set"] + t["activations"] + t["loss_logits"]
+        total = static + t["gathered_working_set"] + max(t["activations"], t["loss_logits"])
         t["peak_moment"] = "forward (loss)"
     t["total"] = total
     overhead = CUDA_OVERHEAD_BYTES if setup.device == "cuda" else 0
@@ -182,12 +188,12 @@ def format_plan(shape: LlamaShape, setup: Setup, modes=OPTIMIZERS) -> str:
     how = {
         "param_shards": "0 (offloaded to CPU)" if setup.offload_param else f"{d} B x {n / 1e9:.3f} B / {g}",
         "persistent_params": f"{d} B x params < {setup.zero.param_persistence_threshold:.0e} elements, whole",
-        "gathered_working_set": f"{d} B x (largest module {shape.largest_param / 1e6:.1f} M + prefetch"
-                                f" {setup.zero.prefetch_bucket_size / 1e6:.0f} M)",
-        "gradient_buffers": f"{d}+4 B x {n / 1e9:.3f} B / {g} + {d} B x reduce bucket",
+        "gathered_working_set": f"{d} B x (embedding + LM head {2 * shape.largest_param / 1e6:.1f} M + prefetch"
+                                f" {setup.zero.prefetch_bucket_size / 1e6:.0f} M in training)",
+        "gradient_buffers": f"{d} B x {n / 1e9:.3f} B / {g} + {d} B x reduce bucket",
         "gradient_in_flight": f"{d} B x largest parameter {shape.largest_param / 1e6:.1f} M",
         "optimizer_states": "AdamW 12 B / SGD 4 B / LOMO 0 x params / gpus (fp32 master counted only for 16-bit)",
-        "optimizer_step_temporaries": "multi-tensor AdamW: one fp32 shard (0 when fused)",
+        "optimizer_step_temporaries": "step: fp32 gradient of the shard (+1 fp32 shard: multi-tensor AdamW)",
         "activations": (f"{d} B x h x {setup.tokens} tokens x {shape.layers} layers + one layer {per_layer} B/token"
                         if setup.activation_checkpointing else
                         f"{per_layer} B/token/layer x {setup.tokens} tokens x {shape.layers} layers"),
