@@ -84,10 +84,7 @@ def _load_raw(dataset_name, dataset_config, train_file, validation_file) -> dict
             raise ValueError("validation_file is set but train_file is not: set train_file too")
         raise ValueError("no training data: set dataset_name (a hub dataset) or train_file (local json/jsonl/csv/txt)")
 
-    files = {"train": train_file}
-    if validation_file:
-        files["validation"] = validation_file
-    builders = set()
+    builder = None
     for key, path in (("train_file", train_file), ("validation_file", validation_file)):
         if path is None:
             continue
@@ -96,11 +93,13 @@ def _load_raw(dataset_name, dataset_config, train_file, validation_file) -> dict
             raise ValueError(f"{key}={path!r} has an unsupported extension: use .json, .jsonl, .csv or .txt")
         if not os.path.isfile(path):
             raise ValueError(f"{key}={path!r} does not exist")
-        builders.add(_BUILDERS[ext])
-    if len(builders) > 1:
-        raise ValueError("train_file and validation_file have different formats: use the same extension for both")
-    loaded = datasets.load_dataset(builders.pop(), data_files=files)
-    return {"train": loaded["train"], "validation": loaded.get("validation")}
+        if builder not in (None, _BUILDERS[ext]):
+            raise ValueError(f"validation_file={path!r} is not in train_file's format: use the same kind of file")
+        builder = _BUILDERS[ext]
+    # One load per file: loaded together, files must share a schema, and a mismatch would surface as an
+    # opaque cast error instead of the column check's message.
+    load = lambda path: datasets.load_dataset(builder, data_files=path, split="train")  # noqa: E731
+    return {"train": load(train_file), "validation": load(validation_file) if validation_file else None}
 
 
 def _layout(columns, text_column, prompt_column, completion_column, split) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ Writes
                                            initialises the model from the config, seeded)
     lomo_trainer/assets/sentiment/         train.jsonl, validation.jsonl with prompt/completion columns
 
-The task: a "review" of 6-12 words mixes neutral filler with 1-3 sentiment words. A negator ("not",
+The task: a "review" of 6-12 words mixes neutral filler with 2-4 sentiment words. A negator ("not",
 "never") right before a sentiment word flips it. All (effective) sentiment words of a review agree, so
 the label is well defined, but the model must look at the previous token to read a negated word. The
 prompt is ``review: <words> sentiment:``, the completion `` positive`` or `` negative``, balanced.
@@ -39,13 +39,16 @@ NEGATORS = ["not", "never"]
 LABELS = {1: "positive", 0: "negative"}
 PROMPT_WORDS = ["review", ":", "sentiment"]
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>"]
+N_WORDS = (6, 12)      # review length range, negators included
+N_SENTIMENT = (2, 4)   # sentiment words per review
+P_NEGATE = 0.25        # chance that a sentiment word is negated
 
 
 def make_review(rng: random.Random, label: int) -> str:
-    n_words = rng.randint(6, 12)
+    n_words = rng.randint(*N_WORDS)
     units = []  # a sentiment unit is [word] or [negator, word]; its effective polarity is `label`
-    for _ in range(rng.randint(1, 3)):
-        negated = rng.random() < 0.35
+    for _ in range(rng.randint(*N_SENTIMENT)):
+        negated = rng.random() < P_NEGATE
         polarity = label ^ negated  # a negated word must carry the opposite surface polarity
         word = rng.choice(POSITIVE if polarity else NEGATIVE)
         units.append([rng.choice(NEGATORS), word] if negated else [word])
@@ -90,9 +93,10 @@ def build_tokenizer(words: list[str]):
 
 def main() -> None:
     rng = random.Random(SEED)
-    rows = make_examples(rng, N_TRAIN + N_VALIDATION)
-    rng.shuffle(rows)
+    rows = make_examples(rng, N_TRAIN + N_VALIDATION)  # labels alternate, so both splits are balanced
     train, validation = rows[:N_TRAIN], rows[N_TRAIN:]
+    rng.shuffle(train)
+    rng.shuffle(validation)
     write_jsonl(ROOT / "sentiment" / "train.jsonl", train)
     write_jsonl(ROOT / "sentiment" / "validation.jsonl", validation)
 
@@ -112,7 +116,9 @@ def main() -> None:
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, initializer_range=0.02)
+        pad_token_id=tokenizer.pad_token_id,
+        # Larger than LLaMA's 0.02: with plain SGD from scratch the model leaves its first plateau sooner.
+        initializer_range=0.1)
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(out)
     print(f"wrote {len(train)} train / {len(validation)} validation examples and a {len(tokenizer)}-token "
