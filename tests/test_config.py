@@ -29,6 +29,8 @@ ZERO3 = {"zero_optimization": {"stage": 3}, "optimizer": {"type": "LOMO", "param
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.json"))))
 def test_shipped_deepspeed_configs_validate(path):
     cfg = load_json(path)
+    if "model_name_or_path" in cfg:
+        pytest.skip("a run config")
     fp16 = cfg.get("fp16", {}).get("enabled") is not None
     bf16 = cfg.get("bf16", {}).get("enabled") is not None
     settings = validate(cfg, targs(fp16=fp16, bf16=bf16))
