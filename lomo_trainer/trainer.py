@@ -89,6 +89,8 @@ class LOMOTrainer(Trainer):
 
     def _setup_lomo(self, max_steps: int):
         s, args = self.lomo_settings, self.args
+        if isinstance(self.optimizer, LOMO):  # a second train(): the old hooks would update twice
+            self.optimizer.remove_hooks()
         if self._ds_config is not None:
             import deepspeed
 
@@ -135,6 +137,9 @@ class LOMOTrainer(Trainer):
         if trial is not None:
             raise ConfigError("hyperparameter search is not supported by LOMOTrainer")
         args = self.args
+        if args.load_best_model_at_end:
+            raise ConfigError("load_best_model_at_end is not supported by LOMOTrainer: set it to false and pick a "
+                              "checkpoint-N folder (each is a from_pretrained folder)")
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_checkpoint(args.output_dir)
             if resume_from_checkpoint is None:
@@ -171,7 +176,7 @@ class LOMOTrainer(Trainer):
         tr_loss = torch.zeros((), device=args.device)
         self._loss_since_log, self._steps_since_log, self._log_time = tr_loss.clone(), 0, time.time()
         start = time.time()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous = _install_sigterm(self._on_sigterm)
         try:
             for epoch in range(epoch0, num_epochs):
                 if hasattr(train_dl, "set_epoch"):
@@ -202,7 +207,8 @@ class LOMOTrainer(Trainer):
                 if self.control.should_training_stop:
                     break
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         if self._stop_signal:
             logger.warning(f"SIGTERM: saved {CKPT_PREFIX}{self.state.global_step}, exiting")
             raise SystemExit(128 + signal.SIGTERM)
@@ -342,6 +348,14 @@ class LOMOTrainer(Trainer):
         self.optimizer.load_state_dict(lomo_state["optimizer"])
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(folder, SCHEDULER), weights_only=False))
         _set_rng_states(lomo_state["rng"])
+
+
+def _install_sigterm(handler):
+    """Install ``handler`` for SIGTERM; returns the previous one, or None off the main thread (no signals)."""
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 def _is_tied(model, name: str) -> bool:

@@ -183,3 +183,29 @@ def test_metrics_reach_tensorboard_and_wandb(tmp_path):
     raw = open(runs[0], "rb").read()  # history keys are stored as plain strings in the run's records
     missing = [k for k in wanted if f"train/{k}".encode() not in raw]
     assert not missing, f"wandb run lacks {missing}"
+
+
+def crash_while_saving(rank, world, out):
+    from lomo_trainer.trainer import last_checkpoint
+
+    trainer = make_trainer(_args(out, None, max_steps=2, save_strategy="steps", save_steps=2))
+    trainer.train()
+    before = sorted(os.listdir(os.path.join(out, "checkpoint-2")))
+
+    def dies_half_way(output_dir=None, _internal_call=False):
+        open(os.path.join(output_dir, "model.safetensors"), "w").write("partial")
+        raise RuntimeError("simulated crash")
+
+    trainer.save_model = dies_half_way
+    trainer.state.global_step = 4
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer._save_checkpoint(trainer.model)
+    after = sorted(os.listdir(os.path.join(out, "checkpoint-2")))
+    return before, after, last_checkpoint(out), sorted(os.listdir(out))
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path):
+    before, after, latest, listing = run_ranks(crash_while_saving, 1, str(tmp_path))[0]
+    assert before == after and "model.safetensors" in after
+    assert latest == str(tmp_path / "checkpoint-2"), "an unfinished .tmp folder must never count as a checkpoint"
+    assert "checkpoint-4.tmp" in listing and "checkpoint-4" not in listing
