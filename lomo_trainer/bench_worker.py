@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from . import _ds_probe, _zero
+from . import _zero
 from .memstat import MemoryMeter
 
 MODES = ("lomo", "adamw", "sgd", "fwd_bwd", "fwd")
@@ -140,8 +140,8 @@ def _run(mode, cfg, rank, device, meter, baseline) -> dict:
     for i in range(cfg["steps"]):
         timed_step(batches[i % 2])
     peak = meter.peak()
-    pb = _ds_probe.parameter_bytes(module)
-    ob = _ds_probe.optimizer_bytes(engine)
+    pb = _zero.parameter_bytes(module)
+    ob = _zero.optimizer_bytes(engine)
     timed = times[cfg["warmup"]:] or times
     return {"mode": mode, "rank": rank, "status": "ok", "baseline": baseline,
             "peak": peak["peak"] - baseline, "peak_reserved": peak["peak_reserved"],
