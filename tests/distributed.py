@@ -18,10 +18,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(fn, rank, world, port, queue, args, kwargs):
+def _child(fn, rank, world, local_world, port, queue, args, kwargs):
     try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank % local_world), LOCAL_WORLD_SIZE=str(local_world),
+                          GROUP_RANK=str(rank // local_world))
         import torch
         import torch.distributed as dist
 
@@ -36,13 +37,14 @@ def _child(fn, rank, world, port, queue, args, kwargs):
         queue.put((rank, False, traceback.format_exc()))
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 240, **kwargs) -> list:
+def run_ranks(fn, world: int, *args, timeout: float = 240, local_world: int | None = None, **kwargs) -> list:
     """Run ``fn(rank, world, *args, **kwargs)`` on ``world`` forked ranks; return the results by rank.
+    ``local_world`` ranks per simulated node (LOCAL_RANK = rank % local_world), default: one node.
     A failure on any rank raises with that rank's traceback."""
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world, port, queue, args, kwargs)) for r in range(world)]
+    procs = [ctx.Process(target=_child, args=(fn, r, world, local_world or world, port, queue, args, kwargs)) for r in range(world)]
     for p in procs:
         p.start()
     results, errors = {}, []

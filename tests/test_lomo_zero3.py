@@ -63,6 +63,13 @@ def test_zero3_matches_sgd_tied_llama(world):
     assert_matches_reference(params, "llama", world, opts)
 
 
+def test_zero3_two_simulated_nodes_use_the_group_rank_not_local_rank():
+    # 2 nodes x 2 ranks: LOCAL_RANK repeats (0, 1, 0, 1); a shard index taken from it would update wrong slices
+    opts = dict(lr=0.5)
+    params, _, _ = run_ranks(train_zero3, 4, "llama", opts, local_world=2)[0]
+    assert_matches_reference(params, "llama", 4, opts)
+
+
 def test_zero3_closure_through_engine_and_untied_embeddings():
     opts = dict(lr=0.5, weight_decay=0.1)
     params, _, _ = run_ranks(train_zero3, 2, "llama_untied", opts, via_engine=True)[0]
