@@ -11,84 +11,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import pickle
-import socket
 import sys
-import traceback
 
 from . import bench_report
 from .bench_worker import MODES
 from .llama_shapes import PRESETS, LlamaShape, load_shape
 from .planner import Setup, ZeroKnobs, breakdown
+from .ranks import run_ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _bench_rank(rank, world, mode, cfg):
+    """One rank of one mode (the process group is up)."""
+    from .memstat import tune_malloc
 
+    tune_malloc()
+    import torch
 
-def _child(mode, cfg, rank, world, port, queue):
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                          WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-        from .memstat import tune_malloc
+    from . import _zero, bench_worker
 
-        tune_malloc()
-        import torch
-        import torch.distributed as dist
-
-        import deepspeed  # noqa: F401  (already imported when forked)
-        from . import _zero, bench_worker
-
-        _zero.disable_cpu_shm_build()
-        if cfg["device"] == "cuda":
-            device = torch.device("cuda", rank % torch.cuda.device_count())
-            torch.cuda.set_device(device)
-            if cfg.get("memory_cap_gb"):  # stands for a smaller GPU (e.g. 24 GB RTX 3090) on a bigger one
-                total = torch.cuda.get_device_properties(device).total_memory
-                torch.cuda.set_per_process_memory_fraction(min(1.0, cfg["memory_cap_gb"] * 2**30 / total), device)
-            dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
-        else:
-            device = torch.device("cpu")
-            torch.set_num_threads(cfg.get("threads", 1))
-            dist.init_process_group("gloo", rank=rank, world_size=world)
-        try:
-            result = bench_worker.run(mode, cfg, rank, device)
-        finally:
-            dist.destroy_process_group()
-        queue.put((rank, True, pickle.dumps(result)))
-    except BaseException:
-        queue.put((rank, False, traceback.format_exc()))
+    _zero.disable_cpu_shm_build()
+    if cfg["device"] == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+        if cfg.get("memory_cap_gb"):  # stands for a smaller GPU (e.g. 24 GB RTX 3090) on a bigger one
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg["memory_cap_gb"] * 2**30 / total), device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(cfg.get("threads", 1))
+    return bench_worker.run(mode, cfg, rank, device)
 
 
 def run_mode(mode: str, cfg: dict, timeout: float = 3600) -> list[dict]:
     """Run one mode on ``cfg['world_size']`` fresh processes; the per-rank results."""
-    world = cfg["world_size"]
-    ctx = mp.get_context("spawn" if cfg["device"] == "cuda" else "fork")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_child, args=(mode, cfg, r, world, port, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results, errors = {}, []
-    try:
-        for _ in range(world):
-            rank, ok, value = queue.get(timeout=timeout)
-            if ok:
-                results[rank] = pickle.loads(value)
-            else:
-                errors.append(f"{mode} rank {rank}:\n{value}")
-                break
-    finally:
-        for p in procs:
-            p.join(timeout=5 if errors else 60)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [results[r] for r in range(world)]
+    backend = "nccl" if cfg["device"] == "cuda" else "gloo"
+    return run_ranks(_bench_rank, cfg["world_size"], mode, cfg, backend=backend, timeout=timeout)
 
 
 def predict(cfg: dict) -> dict:
