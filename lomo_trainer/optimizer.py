@@ -174,19 +174,19 @@ class LOMO(torch.optim.Optimizer):
     def _run_pass(self, phase: str, closure, scale: float) -> torch.Tensor:
         self._phase = "closure"
         self.hook_calls = 0
-        with torch.enable_grad():
-            loss = closure()
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise RuntimeError("the LOMO closure must return the scalar loss tensor")
-        self._phase = phase
-        if phase == "norm":
-            self._norm_sq = torch.zeros((), dtype=torch.float32, device=loss.device)
         try:
+            with torch.enable_grad():
+                loss = closure()
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise RuntimeError("the LOMO closure must return the scalar loss tensor")
+            self._phase = phase
+            if phase == "norm":
+                self._norm_sq = torch.zeros((), dtype=torch.float32, device=loss.device)
             with _zero.backward_allowed(self.engine):
                 (loss * scale if scale != 1.0 else loss).backward()
-        finally:
+        finally:  # also after an exception in the closure: later backward passes must not see a stale phase
             self._phase = None
-            _zero.after_backward(self.engine)
+        _zero.after_backward(self.engine)
         return loss
 
     def _check_binding(self) -> None:
