@@ -104,14 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run, targs_kwargs = parse(argv)
         lomo_config = json.loads(run.lomo_config) if run.lomo_config else None
-        _prevalidate(targs_kwargs, lomo_config)
+        prevalidate(targs_kwargs, lomo_config)
     except (ConfigError, json.JSONDecodeError) as e:
         print(f"lomo-train: error: {e}", file=sys.stderr)
         return 2
     return _train(run, targs_kwargs, lomo_config)
 
 
-def _prevalidate(targs_kwargs: dict, lomo_config) -> None:
+def prevalidate(targs_kwargs: dict, lomo_config) -> None:
     """Validate the DeepSpeed JSON against the arguments before TrainingArguments exists (with a DeepSpeed
     config it initialises the process group)."""
     ns = dataclasses.make_dataclass("Args", list(targs_kwargs))(**targs_kwargs)
@@ -121,12 +121,12 @@ def _prevalidate(targs_kwargs: dict, lomo_config) -> None:
 
 
 def _train(run: RunArguments, targs_kwargs: dict, lomo_config) -> int:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, TrainingArguments, set_seed
 
     from .data import CausalLMCollator, build_datasets
     from .trainer import LOMOTrainer
 
+    _single_process_env()
     args = TrainingArguments(**targs_kwargs)  # before the model: keeps DeepSpeed's zero.Init config alive
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_name or run.model_name_or_path)
@@ -136,13 +136,7 @@ def _train(run: RunArguments, targs_kwargs: dict, lomo_config) -> int:
                           completion_column=run.completion_column, max_length=run.max_length,
                           max_train_samples=run.max_train_samples, max_eval_samples=run.max_eval_samples,
                           validation_split=run.validation_split, seed=args.seed)
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    if run.init_from_scratch:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run.model_name_or_path), dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(run.model_name_or_path, dtype=dtype)
-    if args.gradient_checkpointing:
-        model.config.use_cache = False
+    model = build_model(run, args)
     trainer = LOMOTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                           data_collator=CausalLMCollator(tokenizer), processing_class=tokenizer,
                           lomo_config=lomo_config)
@@ -157,6 +151,29 @@ def _train(run: RunArguments, targs_kwargs: dict, lomo_config) -> int:
             with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
                 json.dump({"choice_accuracy": accuracy}, f, indent=2)
     return 0
+
+
+def build_model(run: RunArguments, args, dtype=None):
+    """The model in the training dtype (LOMO keeps no fp32 master copy). Call after TrainingArguments: with a
+    ZeRO-3 config the weights are then partitioned while loading (zero.Init)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = dtype or (torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32)
+    if run.init_from_scratch:
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run.model_name_or_path), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(run.model_name_or_path, dtype=dtype)
+
+
+def _single_process_env() -> None:
+    """Started without a launcher: describe a world of one, or DeepSpeed falls back to MPI discovery."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    from .ranks import _free_port
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
 
 
 def choice_accuracy(trainer, tokenizer, run: RunArguments) -> float:

@@ -153,6 +153,7 @@ class LOMOTrainer(Trainer):
             raise ConfigError("the training set yields no batch: check the dataset and per_device_train_batch_size")
         max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
+        self._enable_activation_checkpointing()
         model = self._setup_lomo(max_steps)
 
         self.state = TrainerState(stateful_callbacks=[cb for cb in self.callback_handler.callbacks + [self.control]
@@ -223,6 +224,21 @@ class LOMOTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
+
+    def _enable_activation_checkpointing(self) -> None:
+        """What the stock Trainer.train does before its loop (transformers 5.2x renamed gradient_ to activation_)."""
+        args, model = self.args, self.model
+        if not (getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False)):
+            return
+        kwargs = dict(getattr(args, "activation_checkpointing_kwargs", None)
+                      or getattr(args, "gradient_checkpointing_kwargs", None) or {})
+        kwargs.setdefault("use_reentrant", False)  # the variant LOMO's tests cover; reentrant also works
+        extra = {k: kwargs.pop(k) for k in ("every_n_layers", "offload") if k in kwargs}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **extra)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **extra)
+        model.config.use_cache = False
 
     def _on_sigterm(self, signum, frame):
         self._stop_signal = True

@@ -62,20 +62,22 @@ def gathered_weights(trainer):
     return {k: v.double().clone() for k, v in sd.items()} if sd else None
 
 
-def train_and_compare(rank, world, out, clip, zero3=True):
+def train_and_compare(rank, world, out, clip, zero3=True, checkpointing=False):
     rec = Recorder()
-    trainer = make_trainer(_args(out, ds_config(clip) if zero3 else None, max_grad_norm=clip), rec)
+    trainer = make_trainer(_args(out, ds_config(clip) if zero3 else None, max_grad_norm=clip,
+                                 gradient_checkpointing=checkpointing), rec)
     trainer.train()
+    assert trainer.model.is_gradient_checkpointing == checkpointing
     weights = gathered_weights(trainer)
     lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
     grad_norms = [h.get("grad_norm") for h in trainer.state.log_history if "loss" in h]
     return weights, [b for _, b in rec.batches], lrs, grad_norms
 
 
-@pytest.mark.parametrize("clip,zero3", [(0.0, True), (0.5, True), (0.5, False)],
-                         ids=["zero3", "zero3-clip", "no-deepspeed-clip"])
-def test_trainer_two_ranks_matches_sgd(tmp_path, clip, zero3):
-    results = run_ranks(train_and_compare, 2, str(tmp_path), clip, zero3)
+@pytest.mark.parametrize("clip,zero3,ckpt", [(0.0, True, False), (0.5, True, True), (0.5, False, False)],
+                         ids=["zero3", "zero3-clip-checkpointing", "no-deepspeed-clip"])
+def test_trainer_two_ranks_matches_sgd(tmp_path, clip, zero3, ckpt):
+    results = run_ranks(train_and_compare, 2, str(tmp_path), clip, zero3, ckpt)
     weights, _, lrs, grad_norms = results[0]
     batches = [[results[r][1][s] for r in range(2)] for s in range(STEPS)]
     assert not torch.equal(batches[0][0], batches[0][1]), "ranks must see different data"
