@@ -4,7 +4,7 @@
     examples = load_task("cb", "validation", data_dir="path/to/SuperGLUE", n=1000, seed=0)
     evaluate(model, tokenizer, "cb", examples, normalize="sum")  # {"accuracy", "f1", "score", "n", ...}
 
-Command line: ``python -m lomo_trainer.superglue {zero-shot,table} --help``.
+Command line: ``python -m lomo_trainer.superglue {zero-shot,finetune,lora,table} --help``.
 """
 from .evaluation import evaluate, predict
 from .loading import load_hub, load_local, load_task, subsample
