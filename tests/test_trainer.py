@@ -211,3 +211,23 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path):
     assert before == after and "model.safetensors" in after
     assert latest == str(tmp_path / "checkpoint-2"), "an unfinished .tmp folder must never count as a checkpoint"
     assert "checkpoint-4.tmp" in listing and "checkpoint-4" not in listing
+
+
+def train_fp16(rank, world, out):
+    cfg = ds_config(0.5)
+    cfg["fp16"] = {"enabled": "auto", "initial_scale_power": 19, "loss_scale_window": 100, "hysteresis": 1}
+    trainer = make_trainer(_args(out, cfg, max_grad_norm=0.5, fp16=True))
+    trainer.train()
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float16}, "no fp32 master copy: fp16 weights"
+    return [(h["learning_rate"], h["loss_scale"], h["skipped_steps"]) for h in trainer.state.log_history if "loss" in h]
+
+
+def test_trainer_fp16_overflow_skips_and_the_schedule_waits(tmp_path):
+    log = run_ranks(train_fp16, 2, str(tmp_path))[0]
+    skipped = [s for _, _, s in log]
+    assert skipped[0] == 1 and skipped[-1] < STEPS, f"2^19 must overflow at first, then train: {log}"
+    scales = [sc for _, sc, _ in log]
+    assert scales[0] == 2.0 ** 18 and all(b == a / 2 or b == a for a, b in zip(scales, scales[1:]))
+    # linear schedule, 2 warmup steps of 6: the lr advances only on steps that updated
+    factor = [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [lr for lr, _, _ in log] == pytest.approx([0.5 * factor[i + 1 - s] for i, s in enumerate(skipped)])
