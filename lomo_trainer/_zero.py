@@ -45,22 +45,28 @@ def reduce_to_shard(p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, 
     ``(grad_shard, weight_shard)``: the slices of the summed gradient and of ``p.ds_tensor`` that this
     rank owns, without padding. Either may be empty when padding covers this rank's whole shard."""
     shard = p.ds_tensor
-    group = p.ds_process_group
-    world = dist.get_world_size(group) if dist.is_initialized() else 1
-    n = shard.numel()
+    world = group_world_size(p)
+    start, valid = _shard_span(p)
     flat = grad.reshape(-1)
     if world == 1:
-        out, rank = flat, 0
+        out = flat
     else:
-        rank = dist.get_rank(group)  # the rank inside the partition group: not LOCAL_RANK, not global
+        n = shard.numel()
         pad = n * world - flat.numel()
         if pad:
             flat = F.pad(flat, (0, pad))
         out = torch.empty(n, dtype=flat.dtype, device=flat.device)
-        _reduce_scatter(out, flat, group=group)
-    # Tiny tensors can be all padding on several ranks: clamp instead of a negative-length narrow.
-    valid = max(0, min(n, p.ds_numel - rank * n))
+        _reduce_scatter(out, flat, group=p.ds_process_group)
     return out[:valid].to(shard.device, non_blocking=True), shard[:valid]
+
+
+def _shard_span(p: torch.Tensor) -> tuple[int, int]:
+    """(offset in the flattened parameter, number of real elements) of this rank's shard. The shard index is
+    the rank inside the partition group: not LOCAL_RANK (wrong on several nodes), not always the global rank.
+    Tiny tensors can be all padding on several ranks: clamp instead of a negative-length narrow."""
+    n = p.ds_tensor.numel()
+    start = (dist.get_rank(p.ds_process_group) if dist.is_initialized() else 0) * n
+    return start, max(0, min(n, p.ds_numel - start))
 
 
 def group_world_size(p: torch.Tensor) -> int:
@@ -143,13 +149,9 @@ def consolidated_state_dict(engine) -> dict:
 def load_full_param_(p: torch.Tensor, full: torch.Tensor) -> None:
     """Write this rank's slice of the full tensor ``full`` into ``p``'s shard (no communication).
     Call ``refresh_partitions`` afterwards so gathered copies are dropped."""
-    shard = p.ds_tensor
-    n = shard.numel()
-    rank = dist.get_rank(p.ds_process_group) if dist.is_initialized() else 0
-    start = rank * n
-    valid = max(0, min(n, p.ds_numel - start))
+    start, valid = _shard_span(p)
     if valid:
-        shard[:valid].copy_(full.reshape(-1)[start:start + valid])
+        p.ds_tensor[:valid].copy_(full.reshape(-1)[start:start + valid])
 
 
 def disable_cpu_shm_build() -> None:

@@ -201,9 +201,11 @@ def engine_config(ds_config: dict, args, world_size: int) -> dict:
     cfg["train_batch_size"] = total
     cfg["gradient_clipping"] = 0.0  # LOMO clips; DeepSpeed never sees a gradient
     for key, flag in (("fp16", args.fp16), ("bf16", args.bf16)):
-        if key in cfg:
-            cfg[key] = {k: _auto(v, flag) for k, v in cfg[key].items() if k in ("enabled", "auto_cast")} \
-                if key == "fp16" else {"enabled": _auto(cfg[key].get("enabled", False), flag)}
+        if key in cfg:  # DeepSpeed only casts the module; loss scaling is LOMO's, so its keys stay out
+            block = cfg[key]
+            cfg[key] = {"enabled": _auto(block.get("enabled", False), flag)}
+            if "auto_cast" in block:
+                cfg[key]["auto_cast"] = block["auto_cast"]
     zero = cfg.setdefault("zero_optimization", {})
     for key, value in list(zero.items()):
         if value == "auto":  # bucket sizes HF derives from the hidden size: DeepSpeed's defaults serve LOMO

@@ -46,11 +46,17 @@ except ImportError:
     pass
 
 
-def last_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint folder in ``output_dir`` (``*.tmp`` folders are unfinished)."""
+def _checkpoints(output_dir: str) -> list[str]:
+    """Complete ``checkpoint-N`` folders, oldest first (``*.tmp`` folders are unfinished and never count)."""
     found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(output_dir, CKPT_PREFIX + "*"))
              if (m := re.fullmatch(CKPT_PREFIX + r"(\d+)", os.path.basename(p))) and os.path.isdir(p)]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint folder in ``output_dir``."""
+    found = _checkpoints(output_dir)
+    return found[-1] if found else None
 
 
 def _rank() -> int:
@@ -327,9 +333,7 @@ class LOMOTrainer(Trainer):
         limit = self.args.save_total_limit
         if not limit:
             return
-        found = sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(self.args.output_dir, CKPT_PREFIX + "*"))
-                       if (m := re.fullmatch(CKPT_PREFIX + r"(\d+)", os.path.basename(p))))
-        for _, path in found[:-limit]:
+        for path in _checkpoints(self.args.output_dir)[:-limit]:
             shutil.rmtree(path, ignore_errors=True)
 
     def _load_checkpoint(self, folder: str) -> None:
