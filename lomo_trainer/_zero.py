@@ -40,14 +40,18 @@ def partition_group(p: torch.Tensor):
     return p.ds_process_group
 
 
-def reduce_to_shard(p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum ``grad`` (full size, local to this rank) over ``p``'s partition group and return
-    ``(grad_shard, weight_shard)``: the slices of the summed gradient and of ``p.ds_tensor`` that this
-    rank owns, without padding. Either may be empty when padding covers this rank's whole shard."""
+def reduce_to_shard(p: torch.Tensor, grad: torch.Tensor, async_op: bool = False):
+    """Start summing ``grad`` (full size, local to this rank) over ``p``'s partition group.
+
+    Returns ``(work, finish)``: ``work`` is the collective's handle (None when nothing was launched) and,
+    once it is waited on, ``finish()`` gives ``(grad_shard, weight_shard)``: the slices of the summed
+    gradient and of ``p.ds_tensor`` that this rank owns, without padding. Either may be empty when padding
+    covers this rank's whole shard."""
     shard = p.ds_tensor
     world = group_world_size(p)
     start, valid = _shard_span(p)
     flat = grad.reshape(-1)
+    work = None
     if world == 1:
         out = flat
     else:
@@ -56,8 +60,17 @@ def reduce_to_shard(p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, 
         if pad:
             flat = F.pad(flat, (0, pad))
         out = torch.empty(n, dtype=flat.dtype, device=flat.device)
-        _reduce_scatter(out, flat, group=p.ds_process_group)
-    return out[:valid].to(shard.device, non_blocking=True), shard[:valid]
+        work = _reduce_scatter(out, flat, group=p.ds_process_group, async_op=async_op)
+
+    def finish(keep=flat):  # ``keep``: the input stays alive until the collective is done
+        g = out[:valid]
+        if g.device != shard.device:
+            # Parameters offloaded to CPU: a blocking copy, since the update reads the gradient on the host
+            # at once (a non_blocking device-to-host copy could still be in flight).
+            g = g.to(shard.device)
+        return g, shard[:valid]
+
+    return work, finish
 
 
 def _shard_span(p: torch.Tensor) -> tuple[int, int]:

@@ -1,7 +1,9 @@
 """One benchmark mode on one rank: build the ZeRO-3 engine, run the steps, measure memory and time.
 
 Modes (the same random-weight LLaMA, batch and sequence length in each):
-  lomo     LOMO's fused update on a ZeRO-3 engine built without an optimizer (no norm clipping)
+  lomo     LOMO's fused update on a ZeRO-3 engine built without an optimizer (no norm clipping), each
+           gradient's reduce-scatter overlapped with the rest of backward (``overlap_comm``)
+  lomo_sync  the same with every reduce-scatter waited for inside its hook: what the overlap buys
   adamw    DeepSpeed's ZeRO-3 optimizer around torch.optim.AdamW: what the stock HF Trainer builds
   sgd      DeepSpeed's ZeRO-3 optimizer around torch.optim.SGD (no momentum)
   fwd_bwd  the floor: forward + backward on the engine without optimizer, each gradient dropped by a
@@ -18,7 +20,8 @@ import torch
 from . import _zero
 from .memstat import MemoryMeter
 
-MODES = ("lomo", "adamw", "sgd", "fwd_bwd", "fwd")
+MODES = ("lomo", "lomo_sync", "adamw", "sgd", "fwd_bwd", "fwd")
+LOMO_MODES = ("lomo", "lomo_sync")
 
 
 def ds_config(mode: str, cfg: dict) -> dict:
@@ -83,29 +86,34 @@ def _run(mode, cfg, rank, device, meter, baseline) -> dict:
     engine = _build(mode, cfg, device)
     module = engine.module
     params = [p for p in module.parameters() if p.requires_grad]
-    seen_grad = [0]
+    seen_grad, previous = [0], [0]
+    overlapped = mode == "lomo" and torch.distributed.get_world_size() > 1
 
-    def record(p):  # the largest gradient alive at once: each one is dropped (floor) or consumed (LOMO)
+    def record(p):  # the gradient bytes alive at once: each is dropped (floor) or consumed (LOMO)
         if p.grad is not None:
-            seen_grad[0] = max(seen_grad[0], p.grad.numel() * p.grad.element_size())
+            size = p.grad.numel() * p.grad.element_size()
+            # with overlap the previous parameter's gradient is still being reduced when this one arrives
+            seen_grad[0] = max(seen_grad[0], size + (previous[0] if overlapped else 0))
+            previous[0] = size
         if mode == "fwd_bwd":
             p.grad = None
 
-    if mode in ("lomo", "fwd_bwd"):
+    if mode in LOMO_MODES or mode == "fwd_bwd":
         for p in params:  # registered before LOMO's hooks, so it sees each gradient first
             p.register_post_accumulate_grad_hook(record)
     lomo = None
-    if mode == "lomo":
+    if mode in LOMO_MODES:
         from .optimizer import LOMO
 
-        lomo = LOMO(engine, lr=cfg["lr"], clip_grad_norm=None)
+        lomo = LOMO(engine, lr=cfg["lr"], clip_grad_norm=None, overlap_comm=mode == "lomo")
 
     vocab, B, S = cfg["shape"]["vocab"], cfg["batch"], cfg["seq_len"]
     gen = torch.Generator().manual_seed(1000 + rank)
     batches = [torch.randint(0, vocab, (B, S), generator=gen).to(device) for _ in range(2)]
 
     def step(x):
-        if mode == "lomo":
+        previous[0] = 0  # the last backward drained its reductions
+        if mode in LOMO_MODES:
             return lomo.step(lambda: module(input_ids=x, labels=x).loss)
         if mode in ("adamw", "sgd"):
             loss = engine(input_ids=x, labels=x).loss

@@ -1,8 +1,9 @@
 """LOMO: SGD fused into backward (LOw-Memory Optimization, arXiv 2306.09782).
 
 Each parameter is updated by a hook the moment its gradient has been accumulated, and the gradient is
-dropped right away: there is no optimizer state and never more than one gradient alive. Under DeepSpeed
-ZeRO-3 the hook reduce-scatters the gradient so that every rank updates only its own shard.
+dropped right away: there is no optimizer state and never more than one gradient alive (two with
+``overlap_comm``, whose reduction runs while backward goes on). Under DeepSpeed ZeRO-3 the hook
+reduce-scatters the gradient so that every rank updates only its own shard.
 
 One training step::
 
@@ -56,12 +57,16 @@ class LOMO(torch.optim.Optimizer):
         stochastic_rounding: for bf16 parameters, round the fp32 update result stochastically on
             write-back so that updates under one bf16 ulp are not lost.
         seed: seed of the stochastic-rounding generator (offset by rank).
+        overlap_comm: launch each gradient's reduction asynchronously and apply the update when the next
+            gradient is ready, so communication overlaps backward at the cost of one more gradient alive.
+            Default: the engine's ``zero_optimization.overlap_comm`` (DeepSpeed's default for stage 3 is
+            true); True for a plain module on several ranks. Never used on one rank (nothing to overlap).
     """
 
     def __init__(self, model, params: Iterable | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
                  clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
                  clip_mode: str = "global", fp16: DynamicLossScaler | dict | bool | None = None,
-                 stochastic_rounding: bool = False, seed: int = 0):
+                 stochastic_rounding: bool = False, seed: int = 0, overlap_comm: bool | None = None):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if weight_decay < 0:
@@ -108,6 +113,9 @@ class LOMO(torch.optim.Optimizer):
         self.hook_calls = 0         # hooks fired in the last backward pass
         self._checked = False
         self._world = 1
+        self.overlap_comm = overlap_comm
+        self._overlap = False       # resolved at the first step (needs the engine and the process group)
+        self._pending = None        # (param, work, finish, world) of the reduction in flight
 
         self._index_groups()
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._group_of]
@@ -184,8 +192,10 @@ class LOMO(torch.optim.Optimizer):
                 self._norm_sq = torch.zeros((), dtype=torch.float32, device=loss.device)
             with _zero.backward_allowed(self.engine):
                 (loss * scale if scale != 1.0 else loss).backward()
+            self._drain()  # the last parameter's reduction
         finally:  # also after an exception in the closure: later backward passes must not see a stale phase
             self._phase = None
+            self._pending = None
         _zero.after_backward(self.engine)
         return loss
 
@@ -194,6 +204,10 @@ class LOMO(torch.optim.Optimizer):
             raise RuntimeError("the model's parameters are ZeRO-3 partitioned but LOMO has no engine: "
                                "call optimizer.attach_engine(engine) after deepspeed.initialize")
         self._world = dist.get_world_size() if dist.is_initialized() else 1
+        overlap = self.overlap_comm
+        if overlap is None:
+            overlap = bool(self.engine.zero_overlap_comm()) if self.engine is not None else True
+        self._overlap = overlap and self._world > 1
         self._checked = True
 
     # ------------------------------------------------------------------ the hook (hot path)
@@ -205,21 +219,40 @@ class LOMO(torch.optim.Optimizer):
             raise RuntimeError("the LOMO closure must not call backward(): return the loss, LOMO runs backward itself")
         self.hook_calls += 1
         grad, p.grad = p.grad, None
+        overlap = self._overlap
         if _zero.is_zero3_param(p):
-            g, w = _zero.reduce_to_shard(p, grad)
+            work, finish = _zero.reduce_to_shard(p, grad, async_op=overlap)
             world = _zero.group_world_size(p)
         else:
-            g, w, world = grad, p.data, self._world
-            if world > 1:
-                dist.all_reduce(g)  # replicas must apply the same averaged gradient, never drift apart
+            world = self._world
+            # replicas must apply the same averaged gradient, never drift apart
+            work = dist.all_reduce(grad, async_op=overlap) if world > 1 else None
+            finish = lambda g=grad, w=p.data: (g, w)  # noqa: E731
         del grad
+        # With overlap the collective runs while backward goes on; the previous parameter's update is applied
+        # now, so at most one reduction (one more gradient) is in flight.
+        pending, self._pending = self._pending, (p, work, finish, world)
+        if pending is not None:
+            self._apply(*pending)
+        if not overlap:
+            self._drain()
+
+    def _drain(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._apply(*pending)
+
+    def _apply(self, p: nn.Parameter, work, finish, world: int) -> None:
+        if work is not None:
+            work.wait()  # NCCL: the compute stream waits for the collective; the host does not block
+        g, w = finish()
         # A shard that is all padding is empty here; it still takes part in the collectives below.
         # fp32 math from here on; averaging over ranks and unscaling fold into one multiply.
         g = g.float()
         factor = self._lr_scale / world
         if factor != 1.0:
             g = g * factor
-        if phase == "norm":
+        if self._phase == "norm":
             self._norm_sq += g.square().sum()  # non-finite values (fp16 overflow) propagate into the sum
             return
         if self.clip_grad_value is not None:

@@ -16,6 +16,9 @@ against the benchmark's measurements; see docs/benchmarks.md):
   (weight dtype), an fp32 gradient buffer for the optimizer, and the reduce bucket
   (``reduce_bucket_size`` elements, allocated whole on a GPU; on CPU only the pages written count); its step
   makes the fp32 gradient of the shard (4 B per element) for the torch optimizer and frees it after.
+  LOMO's ``overlap_comm`` keeps the previous parameter's gradient alive until the next one is ready. The
+  first gradient of backward is the LM head's (a tied embedding's comes last), so nothing is pending at the
+  peak moment: the overlap adds nothing to the peak (the benchmark's lomo and lomo_sync rows check this).
 - optimizer states: AdamW = fp32 master + m + v (12 B per element of the shard; the master copy is the weight
   itself in fp32 training); SGD without momentum = fp32 master (4 B); LOMO = 0.
 - activations (HF LLaMA with SDPA/flash attention, no s^2 term), bytes per token per layer, d = weight bytes:
@@ -191,7 +194,8 @@ def format_plan(shape: LlamaShape, setup: Setup, modes=OPTIMIZERS) -> str:
         "gathered_working_set": f"{d} B x (embedding + LM head {2 * shape.largest_param / 1e6:.1f} M + prefetch"
                                 f" {setup.zero.prefetch_bucket_size / 1e6:.0f} M in training)",
         "gradient_buffers": f"{d} B x {n / 1e9:.3f} B / {g} + {d} B x reduce bucket",
-        "gradient_in_flight": f"{d} B x largest parameter {shape.largest_param / 1e6:.1f} M",
+        "gradient_in_flight": f"{d} B x largest parameter {shape.largest_param / 1e6:.1f} M"
+                              " (LOMO: + its reduced shard, and fp32 copies of it and of the weight shard)",
         "optimizer_states": "AdamW 12 B / SGD 4 B / LOMO 0 x params / gpus (fp32 master counted only for 16-bit)",
         "optimizer_step_temporaries": "step: fp32 gradient of the shard (+1 fp32 shard: multi-tensor AdamW)",
         "activations": (f"{d} B x h x {setup.tokens} tokens x {shape.layers} layers + one layer {per_layer} B/token"

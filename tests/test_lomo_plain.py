@@ -34,8 +34,9 @@ def test_plain_one_process_matches_sgd():
     assert_close_to_reference(train_plain(0, 1, OPTS), 1, OPTS)
 
 
-def test_plain_two_ranks_average_gradients():
-    results = run_ranks(train_plain, 2, OPTS)
+@pytest.mark.parametrize("overlap", [True, False])
+def test_plain_two_ranks_average_gradients(overlap):
+    results = run_ranks(train_plain, 2, dict(OPTS, overlap_comm=overlap))
     for name in results[0]:
         assert torch.equal(results[0][name], results[1][name]), f"replicas drifted apart at {name}"
     assert_close_to_reference(results[0], 2, OPTS)

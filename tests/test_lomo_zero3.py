@@ -100,6 +100,51 @@ def test_zero3_per_param_clipping_one_pass():
     assert_matches_reference(params, "odd", 2, opts)
 
 
+def train_zero3_overlap(rank, world, overlap, ds_overlap):
+    """Train with a spy on the reductions: which were launched asynchronously, and how many were in flight
+    (launched, not yet applied) when each gradient's hook fired."""
+    from lomo_trainer import _zero
+
+    launched, in_flight, applied = [], [], [0]
+    reduce, apply = _zero.reduce_to_shard, LOMO._apply
+
+    def spy_reduce(p, grad, async_op=False):
+        in_flight.append(len(launched) - applied[0])
+        launched.append(async_op)
+        return reduce(p, grad, async_op)
+
+    def spy_apply(self, *args):
+        applied[0] += 1
+        return apply(self, *args)
+
+    _zero.reduce_to_shard, LOMO._apply = spy_reduce, spy_apply  # forked rank: the parent is untouched
+    model, vocab = build("llama")
+    cfg = dict(DS_CONFIG, zero_optimization={"stage": 3, "overlap_comm": ds_overlap})
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    opt = LOMO(engine, lr=0.5, clip_grad_norm=2.0, overlap_comm=overlap)  # norm pass + update pass
+    for step in range(STEPS):
+        b = batch(step, rank, vocab)
+        opt.step(lambda: engine.module(input_ids=b, labels=b).loss)
+        assert all(p.grad is None for p in engine.module.parameters())
+    assert applied[0] == len(launched), "a reduction was never applied"
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        params = {n: p.detach().double().clone() for n, p in engine.module.named_parameters()}
+    return params, set(launched), max(in_flight)
+
+
+def test_zero3_overlap_comm_is_exact_and_keeps_one_reduction_in_flight():
+    # LOMO's own flag, and DeepSpeed's zero_optimization.overlap_comm when the flag is left unset
+    runs = {"on": run_ranks(train_zero3_overlap, 2, True, False)[0],
+            "off": run_ranks(train_zero3_overlap, 2, False, True)[0],
+            "from_config_off": run_ranks(train_zero3_overlap, 2, None, False)[0]}
+    assert runs["on"][1:] == ({True}, 1), "overlap must launch every reduction async, one in flight at a time"
+    assert runs["off"][1:] == ({False}, 0)
+    assert runs["from_config_off"][1:] == ({False}, 0), "overlap_comm: false in the DeepSpeed config was ignored"
+    for name, expected in runs["off"][0].items():
+        assert torch.equal(runs["on"][0][name], expected), f"overlap changed {name}"
+    assert_matches_reference(runs["on"][0], "llama", 2, dict(lr=0.5, clip_grad_norm=2.0))
+
+
 def train_zero3_half(rank, world, dtype_key, opts):
     model, vocab = build("llama")
     cfg = dict(DS_CONFIG, **{dtype_key: {"enabled": True}})
