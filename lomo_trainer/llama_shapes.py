@@ -77,6 +77,7 @@ PRESETS: dict[str, LlamaShape] = {
     # For tests and CPU runs: random weights, LLaMA layout, 32k vocabulary like the real ones.
     "tiny": LlamaShape("tiny", 1600, 64, 96, 2, 4, 4),
     "small": LlamaShape("small", 32000, 512, 1376, 8, 8, 8),
+    "medium": LlamaShape("medium", 32000, 1024, 2752, 16, 16, 16),  # ~270 M: parameters weigh more than in small
     "1b": LlamaShape("1b", 32000, 2048, 5632, 22, 32, 4),       # TinyLlama-1.1B
     "7b": LlamaShape("7b", 32000, 4096, 11008, 32, 32, 32),     # LLaMA-7B / Llama-2-7b
     "13b": LlamaShape("13b", 32000, 5120, 13824, 40, 40, 40),   # LLaMA-13B / Llama-2-13b

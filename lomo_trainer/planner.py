@@ -8,9 +8,15 @@ against the benchmark's measurements; see docs/benchmarks.md):
 
 - parameter shards: every parameter's ``ds_tensor`` holds ``ceil(numel / gpus)`` elements (0 on the GPU with
   ``offload_param``); parameters under ``stage3_param_persistence_threshold`` also stay gathered, whole.
-- gathered working set: ZeRO-3 gathers module by module. The embedding (the first module) stays gathered once
-  the trace is complete, the LM head is whole while it runs, and training prefetches up to
-  ``stage3_prefetch_bucket_size`` elements ahead (capped by ``stage3_max_live_parameters``).
+- gathered working set: ZeRO-3 gathers module by module, but once its trace is complete (from the second
+  step on) it does not release what it will need again soon, so training reaches backward with a whole tail
+  of the model gathered (measured on DeepSpeed 0.19.8 by counting gathered parameters; docs/benchmarks.md):
+  the prefetcher runs ahead into backward's part of the trace and keeps what it fetched there, up to
+  ``stage3_max_live_parameters`` elements; and a parameter whose next use lies within
+  ``stage3_max_reuse_distance`` elements of trace stays gathered. Both tails start at the LM head (backward's
+  first module), so the larger one counts. With DeepSpeed's defaults (1e9 each) a model under ~1B parameters
+  stays gathered whole, and a bigger one keeps 1e9 elements gathered (1.9 GiB in 16 bits) on every GPU.
+  Forward only: the prefetcher still runs ``stage3_max_live_parameters`` ahead.
 - gradients: LOMO and the floor hold one full gradient at a time (the largest parameter's, in the weight
   dtype; LOMO adds its fp32 shard math). DeepSpeed's ZeRO-3 optimizer keeps a partitioned gradient buffer
   (weight dtype), an fp32 gradient buffer for the optimizer, and the reduce bucket
@@ -56,6 +62,7 @@ class ZeroKnobs:
     max_live_parameters: int = int(1e9)
     param_persistence_threshold: int = int(1e5)
     reduce_bucket_size: int = int(5e8)
+    max_reuse_distance: int = int(1e9)
 
     @classmethod
     def from_ds_config(cls, zero: dict) -> "ZeroKnobs":
@@ -63,7 +70,8 @@ class ZeroKnobs:
         return cls(int(zero.get("stage3_prefetch_bucket_size", d.prefetch_bucket_size)),
                    int(zero.get("stage3_max_live_parameters", d.max_live_parameters)),
                    int(zero.get("stage3_param_persistence_threshold", d.param_persistence_threshold)),
-                   int(zero.get("reduce_bucket_size", d.reduce_bucket_size)))
+                   int(zero.get("reduce_bucket_size", d.reduce_bucket_size)),
+                   int(zero.get("stage3_max_reuse_distance", d.max_reuse_distance)))
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,30 @@ def activation_bytes_per_token_layer(shape: LlamaShape, d: int) -> int:
     return d * (7 * h + 2 * kv + 4 * i) + 8 * h + 4 * shape.heads
 
 
+def gathered_parameters(shape: LlamaShape, z: ZeroKnobs, training: bool = True) -> int:
+    """Elements ZeRO-3 holds gathered at the peak, once its trace is complete (see the module docstring).
+
+    The trace is the forward's modules, then the same in reverse for backward. A module released in forward
+    stays gathered if its backward use comes before ``max_reuse_distance`` elements of trace have gone by
+    (DeepSpeed counts the modules in between: everything after it in forward, twice): exact against
+    DeepSpeed in tests/test_planner.py. The prefetcher keeps what it fetched ahead, up to
+    ``max_live_parameters``: an upper bound (exact on the test model; one embedding high on a 268M model,
+    within 2% of max_live_parameters when that binds)."""
+    sizes = [k for _, k in shape.param_shapes()]  # one module per parameter, in forward order
+    n = sum(sizes)
+    prefetch = z.prefetch_bucket_size > 0
+    if not training:  # the module running, or what is prefetched ahead (the embedding is fetched on demand)
+        return max(min(z.max_live_parameters, n - sizes[0]) if prefetch else 0, sizes[0] + max(sizes[1:], default=0))
+    prefetched = min(z.max_live_parameters, n) if prefetch else 0
+    after, reuse_tail = 0, 0
+    for k in reversed(sizes):
+        if 2 * after < z.max_reuse_distance:
+            reuse_tail += k
+        after += k
+    head = sizes[0] if shape.tie_embeddings else sizes[-1]
+    return max(reuse_tail, prefetched, head)  # the LM head at least, for its own backward
+
+
 def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
     """Predicted per-device peak for ``mode`` (one of MODES), as a dict of byte terms with ``total``
     (what ``max_memory_allocated`` / RSS above baseline should show) and ``total_with_overhead``."""
@@ -113,12 +145,7 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
     t: dict[str, int] = {}
     t["param_shards"] = 0 if setup.offload_param else d * n_shard
     t["persistent_params"] = d * persistent_numel
-    # The first module (the embedding) stays gathered once ZeRO's trace is complete; the LM head is gathered
-    # for its forward and backward; training prefetches ahead of backward. Never more than the whole model.
-    embed = params[0][1]
-    head = max(k for name, k in params[1:]) if len(params) > 1 else 0
-    working = embed + head + (min(z.prefetch_bucket_size, z.max_live_parameters) if training else 0)
-    t["gathered_working_set"] = d * min(n, working)
+    t["gathered_working_set"] = d * gathered_parameters(shape, z, training)
 
     # Gradients: buffers that live through the whole step, and the one full gradient in flight.
     grad_buffers = 0
@@ -191,8 +218,8 @@ def format_plan(shape: LlamaShape, setup: Setup, modes=OPTIMIZERS) -> str:
     how = {
         "param_shards": "0 (offloaded to CPU)" if setup.offload_param else f"{d} B x {n / 1e9:.3f} B / {g}",
         "persistent_params": f"{d} B x params < {setup.zero.param_persistence_threshold:.0e} elements, whole",
-        "gathered_working_set": f"{d} B x (embedding + LM head {2 * shape.largest_param / 1e6:.1f} M + prefetch"
-                                f" {setup.zero.prefetch_bucket_size / 1e6:.0f} M in training)",
+        "gathered_working_set": f"{d} B x what ZeRO-3 keeps gathered into backward (max_live_parameters"
+                                f" {setup.zero.max_live_parameters:.0e}, max_reuse_distance {setup.zero.max_reuse_distance:.0e})",
         "gradient_buffers": f"{d} B x {n / 1e9:.3f} B / {g} + {d} B x reduce bucket",
         "gradient_in_flight": f"{d} B x largest parameter {shape.largest_param / 1e6:.1f} M"
                               " (LOMO: + its reduced shard, and fp32 copies of it and of the weight shard)",

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from lomo_trainer.llama_shapes import PRESETS, LlamaShape, load_shape
-from lomo_trainer.planner import Setup, ZeroKnobs, breakdown, format_plan, main, plan
+from lomo_trainer.planner import Setup, ZeroKnobs, breakdown, format_plan, gathered_parameters, main, plan
 
 # A small LLaMA whose every term is worked out by hand below.
 SHAPE = LlamaShape("hand", vocab=1000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2)
@@ -45,7 +45,7 @@ def test_terms_by_hand():
     lomo = breakdown(SHAPE, setup(), "lomo")
     assert lomo["param_shards"] == 2 * shard
     assert lomo["persistent_params"] == 2 * (4 * 64 + 64)          # four layer norms + final norm, whole
-    assert lomo["gathered_working_set"] == 2 * (64000 + 64000 + 10_000)  # embedding + LM head + prefetch
+    assert lomo["gathered_working_set"] == 2 * N  # within the reuse distance (1e9) of backward: all of it
     assert lomo["gradient_buffers"] == 0
     assert lomo["gradient_in_flight"] == 2 * 64000 + (2 + 8) * 32000
     assert lomo["optimizer_states"] == 0
@@ -55,7 +55,7 @@ def test_terms_by_hand():
     assert lomo["loss_logits"] == 12 * 1000 * T
     head = 2 * 1000 * T + lomo["gradient_in_flight"]
     static = 2 * shard + 2 * 320
-    assert lomo["total"] == static + 2 * 138000 + lomo["activations"] + max(12 * 1000 * T, head)
+    assert lomo["total"] == static + 2 * N + lomo["activations"] + max(12 * 1000 * T, head)
 
     adamw = breakdown(SHAPE, setup(), "adamw")
     assert adamw["gradient_buffers"] == 2 * shard + 2 * 50_000         # bf16 partitions + reduce bucket
@@ -65,8 +65,8 @@ def test_terms_by_hand():
     assert sgd["optimizer_states"] == 4 * shard
     assert sgd["optimizer_step_temporaries"] == 4 * shard
     assert breakdown(SHAPE, setup(device="cpu"), "adamw")["optimizer_step_temporaries"] == 8 * shard
-    fwd = breakdown(SHAPE, setup(), "fwd")  # no prefetch, nothing saved: the loss's logits dominate
-    assert fwd["total"] == static + 2 * 128000 + max(2 * (2 * 64 + 3 * 128) * T, (2 + 8) * 1000 * T)
+    fwd = breakdown(SHAPE, setup(), "fwd")  # prefetched: all but the embedding; nothing saved: the logits dominate
+    assert fwd["total"] == static + 2 * (N - 64000) + max(2 * (2 * 64 + 3 * 128) * T, (2 + 8) * 1000 * T)
 
 
 def test_fp32_has_no_separate_master_and_cpu_bucket_is_what_is_written():
@@ -121,3 +121,59 @@ def test_bad_input_names_the_flag(capsys):
     assert "--gpus" in capsys.readouterr().err
     main(["--model", "7b", "--gpus", "1", "--json"])
     assert json.loads(capsys.readouterr().out)["modes"]["lomo"]["fits"] in (True, False)
+
+
+# ---------------------------------------------------------------- the gathered working set against DeepSpeed
+GATHER_SHAPE = LlamaShape("gather", vocab=1000, hidden=64, intermediate=128, layers=4, heads=4, kv_heads=4)
+GATHER_KNOBS = [  # (max_live_parameters, prefetch_bucket_size, max_reuse_distance)
+    (10**9, 0, 0),          # nothing kept: the LM head is released after forward
+    (10**9, 0, 60_000),     # the reuse window holds the LM head only
+    (10**9, 0, 150_000),    # ... and the last layer's MLP and norms
+    (10**9, 5000, 0),       # the prefetcher alone: it ran ahead into backward and keeps all of it
+    (10**9, 5000, 10**9),   # DeepSpeed's defaults: the whole model
+]
+
+
+def _gathered_after_forward(rank, world):
+    from transformers import LlamaForCausalLM
+    import deepspeed
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from lomo_trainer import _zero
+
+    counts = []
+    for max_live, bucket, reuse in GATHER_KNOBS:
+        ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
+            "stage": 3, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": bucket,
+            "stage3_max_live_parameters": max_live, "stage3_max_reuse_distance": reuse}}
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            model = LlamaForCausalLM(GATHER_SHAPE.to_hf_config(max_position_embeddings=16))
+        engine, *_ = deepspeed.initialize(model=model, config=ds)
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        for step in range(3):  # the trace is complete from the second step on
+            x = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(step))
+            loss = model(input_ids=x, labels=x).loss
+            gathered = sum(p.ds_numel for p in model.parameters() if p.ds_status != ZeroParamStatus.NOT_AVAILABLE)
+            with _zero.backward_allowed(engine):
+                loss.backward()
+            _zero.after_backward(engine)
+        counts.append(gathered)
+    return counts
+
+
+def test_gathered_parameters_match_deepspeed():
+    from distributed import run_ranks
+
+    measured = run_ranks(_gathered_after_forward, 2)[0]
+    head = 64 * 1000
+    for (max_live, bucket, reuse), got in zip(GATHER_KNOBS, measured):
+        z = ZeroKnobs(prefetch_bucket_size=bucket, max_live_parameters=max_live, param_persistence_threshold=0,
+                      max_reuse_distance=reuse)
+        predicted = gathered_parameters(GATHER_SHAPE, z)
+        # after forward DeepSpeed has let the LM head go; the planner counts it, gathered again for its backward
+        assert max(got, head) == predicted, (max_live, bucket, reuse, got, predicted)
+    limited = ZeroKnobs(prefetch_bucket_size=5000, max_live_parameters=100_000, max_reuse_distance=0)
+    assert gathered_parameters(GATHER_SHAPE, limited) == 100_000, "max_live_parameters bounds the prefetcher"
+    assert measured[2] > measured[1] > measured[0] == 0, "the knobs must change what stays gathered"
