@@ -34,6 +34,10 @@ from .loss_scaler import DynamicLossScaler
 from .rounding import stochastic_round_to_bf16_
 
 CLIP_MODES = ("global", "per_param")
+# The update's fp32 math runs over slices of at most this many elements, so its temporaries (fp32 gradient
+# and weight, stochastic-rounding noise) stay at ~50 MB whatever the parameter's size: 7B's 131M-element
+# embedding on one GPU would otherwise need ~1.5 GB of them.
+UPDATE_CHUNK = 1 << 22
 
 
 class LOMO(torch.optim.Optimizer):
@@ -247,26 +251,33 @@ class LOMO(torch.optim.Optimizer):
             work.wait()  # NCCL: the compute stream waits for the collective; the host does not block
         g, w = finish()
         # A shard that is all padding is empty here; it still takes part in the collectives below.
-        # fp32 math from here on; averaging over ranks and unscaling fold into one multiply.
-        g = g.float()
-        factor = self._lr_scale / world
-        if factor != 1.0:
-            g = g * factor
+        factor = self._lr_scale / world  # averaging over ranks and unscaling fold into one multiply
         if self._phase == "norm":
-            self._norm_sq += g.square().sum()  # non-finite values (fp16 overflow) propagate into the sum
+            for gc, _ in _chunks(g, w):  # non-finite values (fp16 overflow) propagate into the sum
+                self._norm_sq += self._grad32(gc, factor).square().sum()
             return
-        if self.clip_grad_value is not None:
-            g = g.clamp(-self.clip_grad_value, self.clip_grad_value)
-        self._update(p, g, w)
-
-    def _update(self, p: nn.Parameter, g: torch.Tensor, w: torch.Tensor) -> None:
-        group = self._group_of[p]
-        lr, wd = group["lr"], group["weight_decay"]
+        coef = None
         if self.clip_grad_norm is not None and self.clip_mode == "per_param":
-            norm_sq = g.square().sum()
+            norm_sq = sum(self._grad32(gc, factor).square().sum() for gc, _ in _chunks(g, w))
+            norm_sq = torch.as_tensor(norm_sq, dtype=torch.float32, device=g.device)  # a 0-element shard sums to 0
             if _zero.is_zero3_param(p) and _zero.group_world_size(p) > 1:
                 dist.all_reduce(norm_sq, group=_zero.partition_group(p))
-            g = g * (self.clip_grad_norm / (norm_sq.sqrt() + 1e-6)).clamp(max=1.0)
+            coef = (self.clip_grad_norm / (norm_sq.sqrt() + 1e-6)).clamp(max=1.0)  # a tensor: no host sync
+        group = self._group_of[p]
+        for gc, wc in _chunks(g, w):
+            gc = self._grad32(gc, factor)
+            self._update(wc, gc if coef is None else gc * coef, group["lr"], group["weight_decay"])
+
+    def _grad32(self, g: torch.Tensor, factor: float) -> torch.Tensor:
+        """The gradient in fp32, averaged and unscaled, clamped by value when asked."""
+        g = g.float()
+        if factor != 1.0:
+            g = g * factor
+        if self.clip_grad_value is not None and self._phase == "update":
+            g = g.clamp(-self.clip_grad_value, self.clip_grad_value)
+        return g
+
+    def _update(self, w: torch.Tensor, g: torch.Tensor, lr: float, wd: float) -> None:
         w32 = w if w.dtype == torch.float32 else w.float()
         if wd:
             w32.mul_(1.0 - lr * wd)
@@ -313,6 +324,17 @@ class LOMO(torch.optim.Optimizer):
     @property
     def loss_scale(self) -> float | None:
         return self.loss_scaler.scale if self.loss_scaler is not None else None
+
+
+def _chunks(g: torch.Tensor, w: torch.Tensor):
+    """Matching slices of gradient and weight (flattened), at most UPDATE_CHUNK elements each."""
+    n = g.numel()
+    if n <= UPDATE_CHUNK or not w.is_contiguous():
+        yield g, w
+        return
+    g, w = g.reshape(-1), w.view(-1)
+    for start in range(0, n, UPDATE_CHUNK):
+        yield g[start:start + UPDATE_CHUNK], w[start:start + UPDATE_CHUNK]
 
 
 def _rng_state():

@@ -18,7 +18,8 @@ against the benchmark's measurements; see docs/benchmarks.md):
   stays gathered whole, and a bigger one keeps 1e9 elements gathered (1.9 GiB in 16 bits) on every GPU.
   Forward only: the prefetcher still runs ``stage3_max_live_parameters`` ahead.
 - gradients: LOMO and the floor hold one full gradient at a time (the largest parameter's, in the weight
-  dtype; LOMO adds its fp32 shard math). DeepSpeed's ZeRO-3 optimizer keeps a partitioned gradient buffer
+  dtype). LOMO adds the reduce-scatter's output (the shard, on several GPUs) and its fp32 update math, done in
+  slices of at most ``UPDATE_CHUNK`` elements (fp32 gradient and weight: 8 B each). DeepSpeed's ZeRO-3 optimizer keeps a partitioned gradient buffer
   (weight dtype), an fp32 gradient buffer for the optimizer, and the reduce bucket
   (``reduce_bucket_size`` elements, allocated whole on a GPU; on CPU only the pages written count); its step
   makes the fp32 gradient of the shard (4 B per element) for the torch optimizer and frees it after.
@@ -47,6 +48,7 @@ import argparse
 from dataclasses import asdict, dataclass, field
 
 from .llama_shapes import LlamaShape, ceil_div, gib, load_shape
+from .optimizer import UPDATE_CHUNK
 
 MODES = ("lomo", "sgd", "adamw", "fwd_bwd", "fwd")
 OPTIMIZERS = ("lomo", "sgd", "adamw")
@@ -153,8 +155,9 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
         bucket = z.reduce_bucket_size if setup.device == "cuda" else min(z.reduce_bucket_size, n)
         grad_buffers = d * n_shard + d * bucket
     grad_in_flight = d * largest if training else 0
-    if mode == "lomo":  # reduce-scatter output + fp32 copies of the gradient and weight slices
-        grad_in_flight += (d + 8) * ceil_div(largest, g)
+    if mode == "lomo":  # reduce-scatter output, and the update's fp32 gradient and weight, slice by slice
+        shard = ceil_div(largest, g)
+        grad_in_flight += (d * shard if g > 1 else 0) + 8 * min(shard, UPDATE_CHUNK)
     t["gradient_buffers"] = grad_buffers
     t["gradient_in_flight"] = grad_in_flight
 
@@ -222,7 +225,7 @@ def format_plan(shape: LlamaShape, setup: Setup, modes=OPTIMIZERS) -> str:
                                 f" {setup.zero.max_live_parameters:.0e}, max_reuse_distance {setup.zero.max_reuse_distance:.0e})",
         "gradient_buffers": f"{d} B x {n / 1e9:.3f} B / {g} + {d} B x reduce bucket",
         "gradient_in_flight": f"{d} B x largest parameter {shape.largest_param / 1e6:.1f} M"
-                              " (LOMO: + its reduced shard, and fp32 copies of it and of the weight shard)",
+                              " (LOMO: + its reduced shard, and fp32 gradient and weight of one update slice)",
         "optimizer_states": "AdamW 12 B / SGD 4 B / LOMO 0 x params / gpus (fp32 master counted only for 16-bit)",
         "optimizer_step_temporaries": "step: fp32 gradient of the shard (+1 fp32 shard: multi-tensor AdamW)",
         "activations": (f"{d} B x h x {setup.tokens} tokens x {shape.layers} layers + one layer {per_layer} B/token"

@@ -26,7 +26,11 @@ def build(kind: str, checkpointing: bool = False):
     return OddLM(checkpointing=checkpointing), 97
 
 
-def train_zero3(rank, world, kind, opts, checkpointing=False, via_engine=False, steps=STEPS):
+def train_zero3(rank, world, kind, opts, checkpointing=False, via_engine=False, steps=STEPS, chunk=None):
+    if chunk is not None:  # forked rank: the parent keeps the default
+        import lomo_trainer.optimizer
+
+        lomo_trainer.optimizer.UPDATE_CHUNK = chunk
     model, vocab = build(kind, checkpointing)
     n_params = len(list(model.parameters()))
     engine, *_ = deepspeed.initialize(model=model, config=DS_CONFIG)
@@ -98,6 +102,15 @@ def test_zero3_per_param_clipping_one_pass():
     params, _, grad_norm = run_ranks(train_zero3, 2, "odd", opts)[0]
     assert grad_norm is None, "per-parameter clipping must not run a norm pass"
     assert_matches_reference(params, "odd", 2, opts)
+
+
+@pytest.mark.parametrize("kind,opts", [("llama", dict(lr=0.5, clip_grad_value=2e-3, weight_decay=0.05)),
+                                       ("odd", dict(lr=0.5, clip_grad_norm=0.05, clip_mode="per_param")),
+                                       ("llama", dict(lr=0.5, clip_grad_norm=2.0))])
+def test_zero3_update_in_slices_matches_sgd(kind, opts):
+    # slices of 100 elements: every weight matrix is updated (and its norm summed) piece by piece
+    params, _, _ = run_ranks(train_zero3, 2, kind, opts, chunk=100)[0]
+    assert_matches_reference(params, kind, 2, opts)
 
 
 def train_zero3_overlap(rank, world, overlap, ds_overlap):
