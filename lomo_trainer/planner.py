@@ -45,6 +45,7 @@ against the benchmark's measurements; see docs/benchmarks.md):
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict, dataclass, field
 
 from .llama_shapes import LlamaShape, ceil_div, gib, load_shape
@@ -259,18 +260,23 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="fp16")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--offload-param", action="store_true")
+    ap.add_argument("--ds-config", help="a DeepSpeed JSON whose zero_optimization knobs size ZeRO-3's buffers "
+                    "(\"auto\" and missing keys: DeepSpeed's defaults)")
     ap.add_argument("--json", action="store_true", help="print the breakdown as JSON instead")
     args = ap.parse_args(argv)
     try:
         shape = load_shape(args.model)
+        zero = ZeroKnobs()
+        if args.ds_config:
+            with open(args.ds_config) as f:
+                knobs = json.load(f).get("zero_optimization", {})
+            zero = ZeroKnobs.from_ds_config({k: v for k, v in knobs.items() if v != "auto"})
         setup = Setup(gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb, seq_len=args.seq_len, batch=args.batch,
                       dtype=args.dtype, activation_checkpointing=args.activation_checkpointing,
-                      offload_param=args.offload_param)
-    except ValueError as e:
+                      offload_param=args.offload_param, zero=zero)
+    except (ValueError, OSError) as e:
         ap.error(str(e))
     if args.json:
-        import json
-
         print(json.dumps(plan(shape, setup), indent=1))
     else:
         print(format_plan(shape, setup))

@@ -123,6 +123,20 @@ def test_bad_input_names_the_flag(capsys):
     assert json.loads(capsys.readouterr().out)["modes"]["lomo"]["fits"] in (True, False)
 
 
+def test_ds_config_knobs_size_the_gathered_set(capsys):
+    # the 65B configs' lowmem DeepSpeed JSON keeps 3e8 elements gathered instead of DeepSpeed's 1e9
+    root = __file__.rsplit("/tests/", 1)[0]
+    gathered = {}
+    for name in ("zero3_fp16.json", "zero3_fp16_lowmem.json"):
+        main(["--model", "65b", "--gpus", "8", "--batch", "2", "--activation-checkpointing", "--json",
+              "--ds-config", f"{root}/configs/{name}"])
+        gathered[name] = json.loads(capsys.readouterr().out)["modes"]["lomo"]["gathered_working_set"]
+    assert gathered["zero3_fp16.json"] == 2 * 10**9
+    assert gathered["zero3_fp16_lowmem.json"] == 2 * 3 * 10**8
+    with pytest.raises(SystemExit):
+        main(["--model", "65b", "--ds-config", "/nonexistent.json"])
+
+
 # ---------------------------------------------------------------- the gathered working set against DeepSpeed
 GATHER_SHAPE = LlamaShape("gather", vocab=1000, hidden=64, intermediate=128, layers=4, heads=4, kv_heads=4)
 GATHER_KNOBS = [  # (max_live_parameters, prefetch_bucket_size, max_reuse_distance)
