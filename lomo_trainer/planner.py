@@ -115,8 +115,8 @@ def gathered_parameters(shape: LlamaShape, z: ZeroKnobs, training: bool = True) 
     stays gathered if its backward use comes before ``max_reuse_distance`` elements of trace have gone by
     (DeepSpeed counts the modules in between: everything after it in forward, twice): exact against
     DeepSpeed in tests/test_planner.py. The prefetcher keeps what it fetched ahead, up to
-    ``max_live_parameters``: an upper bound (exact on the test model; one embedding high on a 268M model,
-    within 2% of max_live_parameters when that binds)."""
+    ``max_live_parameters`` (DeepSpeed overshoots it by the last module fetched: 2% on a 268M model; see
+    scripts/probe_gathered.py)."""
     sizes = [k for _, k in shape.param_shapes()]  # one module per parameter, in forward order
     n = sum(sizes)
     prefetch = z.prefetch_bucket_size > 0
