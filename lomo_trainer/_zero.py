@@ -193,6 +193,13 @@ def _unique(tensors, seen: set) -> int:
     return total
 
 
+def gathered_numel(module: torch.nn.Module) -> int:
+    """Elements of ``module``'s parameters that are gathered or being gathered (a prefetch in flight)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return sum(p.ds_numel for p in module.parameters() if p.ds_status != ZeroParamStatus.NOT_AVAILABLE)
+
+
 def parameter_bytes(module: torch.nn.Module) -> dict:
     """This rank's shards, the persistent parameters held whole, and the largest full parameter."""
     shards = persistent = largest = 0

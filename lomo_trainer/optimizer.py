@@ -258,8 +258,8 @@ class LOMO(torch.optim.Optimizer):
             return
         coef = None
         if self.clip_grad_norm is not None and self.clip_mode == "per_param":
+            # _chunks yields at least one slice (an all-padding shard: an empty one, summing to a 0 tensor)
             norm_sq = sum(self._grad32(gc, factor).square().sum() for gc, _ in _chunks(g, w))
-            norm_sq = torch.as_tensor(norm_sq, dtype=torch.float32, device=g.device)  # a 0-element shard sums to 0
             if _zero.is_zero3_param(p) and _zero.group_world_size(p) > 1:
                 dist.all_reduce(norm_sq, group=_zero.partition_group(p))
             coef = (self.clip_grad_norm / (norm_sq.sqrt() + 1e-6)).clamp(max=1.0)  # a tensor: no host sync

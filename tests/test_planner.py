@@ -148,39 +148,15 @@ GATHER_KNOBS = [  # (max_live_parameters, prefetch_bucket_size, max_reuse_distan
 ]
 
 
-def _gathered_after_forward(rank, world):
-    from transformers import LlamaForCausalLM
-    import deepspeed
-    import torch
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    from lomo_trainer import _zero
-
-    counts = []
-    for max_live, bucket, reuse in GATHER_KNOBS:
-        ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
-            "stage": 3, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": bucket,
-            "stage3_max_live_parameters": max_live, "stage3_max_reuse_distance": reuse}}
-        with deepspeed.zero.Init(config_dict_or_path=ds):
-            model = LlamaForCausalLM(GATHER_SHAPE.to_hf_config(max_position_embeddings=16))
-        engine, *_ = deepspeed.initialize(model=model, config=ds)
-        for p in model.parameters():
-            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-        for step in range(3):  # the trace is complete from the second step on
-            x = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(step))
-            loss = model(input_ids=x, labels=x).loss
-            gathered = sum(p.ds_numel for p in model.parameters() if p.ds_status != ZeroParamStatus.NOT_AVAILABLE)
-            with _zero.backward_allowed(engine):
-                loss.backward()
-            _zero.after_backward(engine)
-        counts.append(gathered)
-    return counts
-
-
 def test_gathered_parameters_match_deepspeed():
     from distributed import run_ranks
 
-    measured = run_ranks(_gathered_after_forward, 2)[0]
+    from lomo_trainer.gather_probe import gathered_after_forward
+
+    settings = [{"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": bucket,
+                 "stage3_max_live_parameters": max_live, "stage3_max_reuse_distance": reuse}
+                for max_live, bucket, reuse in GATHER_KNOBS]
+    measured = run_ranks(gathered_after_forward, 2, GATHER_SHAPE, settings)[0]
     head = 64 * 1000
     for (max_live, bucket, reuse), got in zip(GATHER_KNOBS, measured):
         z = ZeroKnobs(prefetch_bucket_size=bucket, max_live_parameters=max_live, param_persistence_threshold=0,

@@ -1,0 +1,40 @@
+"""How many parameters DeepSpeed ZeRO-3 holds gathered right after forward: the measurement behind the
+planner's gathered working set (``planner.gathered_parameters``), used by scripts/probe_gathered.py and
+tests/test_planner.py."""
+from __future__ import annotations
+
+import torch
+
+from . import _zero
+from .llama_shapes import LlamaShape
+
+
+def gathered_after_forward(rank: int, world: int, shape: LlamaShape, settings: list[dict], seq_len: int = 16,
+                           dtype: str = "fp32", steps: int = 3) -> list[int]:
+    """For each ``zero_optimization`` override in ``settings``: build a random-weight LLaMA of ``shape`` under
+    ZeRO-3, run ``steps`` forward+backward passes (gradients dropped, no update) and return the elements
+    gathered after the last forward. DeepSpeed's trace is complete from the second step on. One rank of
+    ``run_ranks``: the process group is up."""
+    import deepspeed
+    from transformers import LlamaForCausalLM
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    counts = []
+    for extra in settings:
+        ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, **extra}}
+        if dtype == "bf16":
+            ds["bf16"] = {"enabled": True}
+        with deepspeed.zero.Init(config_dict_or_path=ds, dtype=torch_dtype):
+            model = LlamaForCausalLM(shape.to_hf_config(max_position_embeddings=seq_len))
+        engine, *_ = deepspeed.initialize(model=model, config=ds)
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        for step in range(steps):
+            x = torch.randint(0, shape.vocab, (1, seq_len), generator=torch.Generator().manual_seed(step))
+            loss = model(input_ids=x, labels=x).loss
+            gathered = _zero.gathered_numel(model)
+            with _zero.backward_allowed(engine):
+                loss.backward()
+            _zero.after_backward(engine)
+        counts.append(gathered)
+    return counts
