@@ -182,7 +182,7 @@ def train_zero3_half(rank, world, dtype_key, opts):
     return log, {n: p.double() for n, p in snapshot().items()}
 
 
-def test_zero3_fp16_overflow_skips_then_trains():
+def test_zero3_fp16_overflow_skips_then_trains(cpu_fp16):
     # 2^40 overflows fp16 gradients at once; hysteresis 1 halves the scale per overflow.
     fp16 = {"initial_scale_power": 40, "hysteresis": 1, "loss_scale_window": 100}
     results = run_ranks(train_zero3_half, 2, "fp16", dict(lr=0.5, fp16=fp16))

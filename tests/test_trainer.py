@@ -222,7 +222,7 @@ def train_fp16(rank, world, out):
     return [(h["learning_rate"], h["loss_scale"], h["skipped_steps"]) for h in trainer.state.log_history if "loss" in h]
 
 
-def test_trainer_fp16_overflow_skips_and_the_schedule_waits(tmp_path):
+def test_trainer_fp16_overflow_skips_and_the_schedule_waits(tmp_path, cpu_fp16):
     log = run_ranks(train_fp16, 2, str(tmp_path))[0]
     skipped = [s for _, _, s in log]
     assert skipped[0] == 1 and skipped[-1] < STEPS, f"2^19 must overflow at first, then train: {log}"
