@@ -167,6 +167,11 @@ def load_full_param_(p: torch.Tensor, full: torch.Tensor) -> None:
         p.ds_tensor[:valid].copy_(full.reshape(-1)[start:start + valid])
 
 
+def local_data(p: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``p``: its ZeRO-3 shard (padding included), or the whole tensor."""
+    return p.ds_tensor if is_zero3_param(p) else p.data
+
+
 def disable_cpu_shm_build() -> None:
     """On CPU, DeepSpeed's comm backend compiles a shared-memory all-reduce op with g++ (60-90 s on two
     cores) that only inference uses. LOMO never calls it: skip the build."""

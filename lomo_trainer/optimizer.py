@@ -110,6 +110,7 @@ class LOMO(torch.optim.Optimizer):
         self.global_step = 0        # steps that updated the parameters
         self.grad_norm: float | None = None  # global norm of the last step, when it was measured
         self.last_step_skipped = False
+        self.skipped_steps = 0      # steps that changed nothing (non-finite loss or gradient), in every precision
         self._phase: str | None = None
         self._norm_sq: torch.Tensor | None = None
         self._clip_coef = 1.0
@@ -170,6 +171,7 @@ class LOMO(torch.optim.Optimizer):
                 if self.loss_scaler is not None:
                     self.loss_scaler.update(True)
                 self.last_step_skipped = True
+                self.skipped_steps += 1
                 return loss.detach()
             self.grad_norm = math.sqrt(norm_sq)
             if self.clip_grad_norm is not None and self.clip_mode == "global":

@@ -18,7 +18,6 @@ import glob
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import time
@@ -28,17 +27,13 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerState
 from transformers.trainer_utils import TrainOutput
 
-from . import _zero
+from . import _hf, _zero, checkpoint
+from .checkpoint import LOMO_STATE, PREFIX as CKPT_PREFIX, SCHEDULER, TRAINER_STATE, last_checkpoint  # noqa: F401
 from .config import ConfigError, engine_config, load_json, validate
 from .optimizer import LOMO
 from .schedulers import deepspeed_scheduler
 
 logger = logging.getLogger(__name__)
-
-CKPT_PREFIX = "checkpoint-"
-LOMO_STATE = "lomo_state_rank{}.pt"
-SCHEDULER = "scheduler.pt"
-TRAINER_STATE = "trainer_state.json"
 
 try:  # on a CPU-only machine DeepSpeed would compile an inference-only op at start-up: skip it
     _zero.disable_cpu_shm_build()
@@ -46,21 +41,16 @@ except ImportError:
     pass
 
 
-def _checkpoints(output_dir: str) -> list[str]:
-    """Complete ``checkpoint-N`` folders, oldest first (``*.tmp`` folders are unfinished and never count)."""
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(output_dir, CKPT_PREFIX + "*"))
-             if (m := re.fullmatch(CKPT_PREFIX + r"(\d+)", os.path.basename(p))) and os.path.isdir(p)]
-    return [p for _, p in sorted(found)]
-
-
-def last_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint folder in ``output_dir``."""
-    found = _checkpoints(output_dir)
-    return found[-1] if found else None
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient, or non-finite weights about to be saved."""
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _barrier() -> None:
@@ -72,7 +62,8 @@ class LOMOTrainer(Trainer):
     """An HF Trainer whose optimizer is LOMO. ``lomo_config`` gives LOMO's parameters for runs without a
     DeepSpeed JSON (same keys as the JSON's ``optimizer.params``)."""
 
-    def __init__(self, model=None, args=None, *pos, lomo_config: dict | None = None, **kwargs):
+    def __init__(self, model=None, args=None, *pos, lomo_config: dict | None = None, max_consecutive_skips: int = 5,
+                 **kwargs):
         if args is None:
             raise ConfigError("LOMOTrainer needs TrainingArguments (args=...)")
         if kwargs.get("optimizers", (None, None)) != (None, None):
@@ -81,13 +72,14 @@ class LOMOTrainer(Trainer):
         self.lomo_settings = validate(self._ds_config, args, lomo_config)  # before any process group or GPU use
         for message in self.lomo_settings.warnings:
             logger.warning(message)
-        hf_ds = getattr(args, "hf_deepspeed_config", None)
-        if hf_ds is not None:  # accelerate must never build a DeepSpeed optimizer or scheduler for us
-            hf_ds.config.pop("optimizer", None)
-            hf_ds.config.pop("scheduler", None)
+        _hf.strip_deepspeed_optimizer(args)
+        if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
+            raise ConfigError(f"max_consecutive_skips={max_consecutive_skips!r}: it must be an integer >= 1")
+        self.max_consecutive_skips = max_consecutive_skips
         super().__init__(model, args, *pos, **kwargs)
         self._stop_signal = False
         self._tokens = None
+        self._consecutive_skips = 0
 
     # ------------------------------------------------------------------ set-up
     def create_optimizer(self, model=None):
@@ -106,8 +98,7 @@ class LOMOTrainer(Trainer):
                 cfg = engine_config(self._ds_config, args, world)
                 engine, *_ = deepspeed.initialize(model=self.model, config=cfg)
                 self.model_wrapped = self.deepspeed = engine
-                # evaluate() builds its own DeepSpeed engine when accelerate knows no model: show it this one
-                self.accelerator._models.append(engine)
+                _hf.register_engine(self.accelerator, engine)
             self.optimizer = LOMO(engine, **s.optimizer_kwargs())
             model = engine
         else:
@@ -146,12 +137,10 @@ class LOMOTrainer(Trainer):
         if args.load_best_model_at_end:
             raise ConfigError("load_best_model_at_end is not supported by LOMOTrainer: set it to false and pick a "
                               "checkpoint-N folder (each is a from_pretrained folder)")
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_checkpoint(args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ConfigError(f"resume_from_checkpoint=True but {args.output_dir} holds no checkpoint-N folder")
-        if resume_from_checkpoint and not os.path.isfile(os.path.join(resume_from_checkpoint, TRAINER_STATE)):
-            raise ConfigError(f"{resume_from_checkpoint} is not a LOMOTrainer checkpoint (no {TRAINER_STATE})")
+        resume_from_checkpoint = checkpoint.resolve(resume_from_checkpoint, args.output_dir)
+        if args.should_save and os.path.isdir(args.output_dir):
+            for path in checkpoint.remove_unfinished(args.output_dir):
+                logger.warning(f"removed {path}: a save that never finished")
         self.is_in_train = True
         train_dl = self.get_train_dataloader()
         steps_per_epoch = len(train_dl)
@@ -171,6 +160,7 @@ class LOMOTrainer(Trainer):
         self.state.is_world_process_zero = self.is_world_process_zero()
         if resume_from_checkpoint:
             self._load_checkpoint(resume_from_checkpoint)
+            self.state.max_steps, self.state.num_train_epochs = max_steps, num_epochs  # this run's, as stock does
         start_step = self.state.global_step
         epoch0, skip = divmod(start_step, steps_per_epoch)
 
@@ -185,7 +175,7 @@ class LOMOTrainer(Trainer):
         start = time.time()
         previous = _install_sigterm(self._on_sigterm)
         try:
-            for epoch in range(epoch0, num_epochs):
+            for epoch in range(epoch0, num_epochs if start_step < max_steps else 0):
                 if hasattr(train_dl, "set_epoch"):
                     train_dl.set_epoch(epoch)
                 batches = train_dl
@@ -196,10 +186,13 @@ class LOMOTrainer(Trainer):
                 for i, inputs in enumerate(batches, start=skip if epoch == epoch0 else 0):
                     self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
                     loss = self.training_step(model, inputs)
-                    tr_loss += loss
-                    self._loss_since_log += loss
+                    skipped = self.optimizer.last_step_skipped
+                    if not skipped:  # a skipped step (fp16 overflow, non-finite loss) is not counted in the loss
+                        tr_loss += loss
+                        self._loss_since_log += loss
                     self._steps_since_log += 1
-                    if not self.optimizer.last_step_skipped:  # fp16 overflow: the schedule waits, as in DeepSpeed
+                    self._check_divergence(skipped)
+                    if not skipped:  # the schedule waits for a step that updated, as in DeepSpeed
                         self.lr_scheduler.step()
                     self.state.global_step += 1
                     self.state.epoch = epoch + (i + 1) / steps_per_epoch
@@ -246,6 +239,24 @@ class LOMOTrainer(Trainer):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **extra)
         model.config.use_cache = False
 
+    def _check_divergence(self, skipped: bool) -> None:
+        """Stop after ``max_consecutive_skips`` steps in a row that changed nothing because the loss or a gradient
+        was non-finite. With fp16, overflows count only once the loss scale is at its minimum: before that,
+        lowering the scale is the cure, as DeepSpeed's scaler sees it."""
+        scaler = self.optimizer.loss_scaler
+        if skipped and (scaler is None or scaler.scale <= scaler.min_loss_scale):
+            self._consecutive_skips += 1
+        elif not skipped:
+            self._consecutive_skips = 0
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            if self._steps_since_log:
+                self.log(self._step_metrics())
+            last = last_checkpoint(self.args.output_dir)
+            raise TrainingDiverged(
+                f"training diverged: {self._consecutive_skips} steps in a row (up to step {self.state.global_step + 1})"
+                " had a non-finite loss or gradient and were skipped; lower learning_rate or clip (max_grad_norm), "
+                + (f"then resume from {last}" if last else "then start again"))
+
     def _on_sigterm(self, signum, frame):
         self._stop_signal = True
 
@@ -285,7 +296,7 @@ class LOMOTrainer(Trainer):
             logs["grad_norm"] = opt.grad_norm
         if opt.loss_scale is not None:
             logs["loss_scale"] = opt.loss_scale
-            logs["skipped_steps"] = opt.loss_scaler.overflows
+        logs["skipped_steps"] = opt.skipped_steps  # in every precision: a silent skip hides a divergence
         self._loss_since_log.zero_()
         self._steps_since_log, self._tokens, self._log_time = 0, None, time.time()
         return logs
@@ -294,6 +305,7 @@ class LOMOTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write a ``from_pretrained`` folder (safetensors, config, tokenizer). Collective under ZeRO-3."""
         output_dir = output_dir or self.args.output_dir
+        self._check_finite_weights(output_dir)
         if self.deepspeed is not None:
             state_dict = _zero.consolidated_state_dict(self.deepspeed)
         else:
@@ -306,6 +318,18 @@ class LOMOTrainer(Trainer):
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         _barrier()
 
+    def _check_finite_weights(self, where: str) -> None:
+        """Refuse to save non-finite weights (collective: one flag all-reduced over the ranks' shards)."""
+        params = [_zero.local_data(p) for p in self.model.parameters()]
+        ok = torch.stack([torch.isfinite(t).all() for t in params]).all() if params else torch.tensor(True)
+        ok = ok.float().to(self.args.device)
+        if dist.is_initialized():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item():
+            raise TrainingDiverged(f"the model has non-finite weights at step {self.state.global_step}: not saving "
+                                   f"it to {where}; lower learning_rate or clip (max_grad_norm) and resume from an "
+                                   "earlier checkpoint")
+
     def _save_checkpoint(self, model, trial=None, metrics=None) -> None:
         final = os.path.join(self.args.output_dir, f"{CKPT_PREFIX}{self.state.global_step}")
         tmp = final + ".tmp"
@@ -314,12 +338,14 @@ class LOMOTrainer(Trainer):
             os.makedirs(tmp)
         _barrier()
         self.save_model(tmp, _internal_call=True)
-        torch.save({"optimizer": self.optimizer.state_dict(), "rng": _rng_states()},
-                   os.path.join(tmp, LOMO_STATE.format(_rank())))
+        checkpoint.save_state({"optimizer": self.optimizer.state_dict(), "rng": checkpoint.rng_states()},
+                              os.path.join(tmp, LOMO_STATE.format(_rank())))
         if self.args.should_save:
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER))
+            checkpoint.save_state(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER))
             self.state.save_to_json(os.path.join(tmp, TRAINER_STATE))
         _barrier()
+        if self.args.should_save:  # the manifest goes last: only a whole folder has one
+            checkpoint.write_manifest(tmp, world_size=_world(), global_batch=self._global_batch())
         if self.args.should_save:  # swap in the finished folder; the old one goes only after that
             old = final + ".old"
             if os.path.isdir(final):
@@ -333,41 +359,90 @@ class LOMOTrainer(Trainer):
         limit = self.args.save_total_limit
         if not limit:
             return
-        for path in _checkpoints(self.args.output_dir)[:-limit]:
+        for path in checkpoint.list_checkpoints(self.args.output_dir)[:-limit]:
             shutil.rmtree(path, ignore_errors=True)
 
-    def _load_checkpoint(self, folder: str) -> None:
-        from safetensors import safe_open
+    def _global_batch(self) -> int:
+        return self.args.per_device_train_batch_size * _world()
 
-        self.state = TrainerState.load_from_json(os.path.join(folder, TRAINER_STATE))
+    def _load_checkpoint(self, folder: str) -> None:
+        """Weights, TrainerState, scheduler, LOMO state and RNG from ``folder`` (a LOMOTrainer checkpoint), or
+        weights, TrainerState and scheduler from a stock Trainer checkpoint. Nothing is unpickled."""
+        kind = checkpoint.kind(folder)
+        try:
+            self.state = TrainerState.load_from_json(os.path.join(folder, TRAINER_STATE))
+        except (OSError, ValueError, TypeError) as e:
+            raise checkpoint.CheckpointError(f"{os.path.join(folder, TRAINER_STATE)} is unreadable "
+                                             f"({type(e).__name__}): pass an older checkpoint-N folder") from None
         self.state.is_local_process_zero = self.is_local_process_zero()
         self.state.is_world_process_zero = self.is_world_process_zero()
-        params = dict(self.model.named_parameters())
-        loaded = set()
-        for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    p = params.get(name)
-                    if p is None:
-                        continue
-                    full = f.get_tensor(name)
-                    with torch.no_grad():
-                        if _zero.is_zero3_param(p):
-                            _zero.load_full_param_(p, full)
-                        else:
-                            p.copy_(full)
-                    loaded.add(name)
-        missing = [n for n, p in params.items() if n not in loaded and not _is_tied(self.model, n)]
-        if missing:
-            raise ConfigError(f"{folder} lacks weights for {missing[:3]}...: it does not belong to this model")
+        self._load_weights(folder)
         _zero.refresh_partitions(self.deepspeed)
+        if kind == "hf":
+            self._load_stock_state(folder)
+            return
+        info = checkpoint.run_info(folder)
+        if info and (info.get("world_size"), info.get("global_batch")) != (_world(), self._global_batch()):
+            seen = self.state.global_step * info["global_batch"]
+            logger.warning(f"{folder} was written by {info['world_size']} processes with a global batch of "
+                           f"{info['global_batch']}; this run has {_world()} and {self._global_batch()}. The data "
+                           f"position is counted in steps: resuming at step {self.state.global_step} starts at sample "
+                           f"{self.state.global_step * self._global_batch()} of the epoch order, not {seen}.")
         state_file = os.path.join(folder, LOMO_STATE.format(_rank()))
         if not os.path.isfile(state_file):  # resumed on fewer/more ranks: the scaler and step are shared
             state_file = os.path.join(folder, LOMO_STATE.format(0))
-        lomo_state = torch.load(state_file, weights_only=False)
+        lomo_state = checkpoint.load_state(state_file)
         self.optimizer.load_state_dict(lomo_state["optimizer"])
-        self.lr_scheduler.load_state_dict(torch.load(os.path.join(folder, SCHEDULER), weights_only=False))
-        _set_rng_states(lomo_state["rng"])
+        self.lr_scheduler.load_state_dict(checkpoint.load_state(os.path.join(folder, SCHEDULER)))
+        checkpoint.set_rng_states(lomo_state["rng"])
+
+    def _load_weights(self, folder: str) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        params = dict(self.model.named_parameters())
+        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        if not files:
+            raise checkpoint.CheckpointError(
+                f"{folder} has no *.safetensors weights (a DeepSpeed-only checkpoint?): consolidate it with "
+                "DeepSpeed's zero_to_fp32.py or set stage3_gather_16bit_weights_on_model_save, then resume")
+        loaded = set()
+        for path in files:
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for name in f.keys():
+                        p = params.get(name)
+                        if p is None:
+                            continue
+                        full = f.get_tensor(name)
+                        with torch.no_grad():
+                            if _zero.is_zero3_param(p):
+                                _zero.load_full_param_(p, full)
+                            else:
+                                p.copy_(full)
+                        loaded.add(name)
+            except (SafetensorError, OSError) as e:
+                raise checkpoint.CheckpointError(f"{path} cannot be read ({str(e).splitlines()[0][:160]}): pass an "
+                                                 "older checkpoint-N folder") from None
+        missing = [n for n, p in params.items() if n not in loaded and not _hf.is_tied(self.model, n)]
+        if missing:
+            raise checkpoint.CheckpointError(f"{folder} lacks weights for {missing[:3]}: it belongs to another model")
+
+    def _load_stock_state(self, folder: str) -> None:
+        """A stock Trainer checkpoint: its AdamW state means nothing to SGD, its RNG files are pickled (not
+        loaded); the schedule continues at its step."""
+        path = os.path.join(folder, SCHEDULER)
+        try:
+            state = checkpoint.load_state(path)
+        except checkpoint.CheckpointError:
+            state = None
+        groups = len(self.optimizer.param_groups)  # stock AdamW/SGD have two groups (decay, no decay), LOMO one
+        if isinstance(state, dict) and len(state.get("base_lrs", ())) == groups:
+            self.lr_scheduler.load_state_dict(state)
+        else:  # the same schedule, advanced to the checkpoint's step
+            for _ in range(self.state.global_step):
+                self.lr_scheduler.step()
+        logger.warning(f"{folder} is a stock Trainer checkpoint: resuming its weights, step "
+                       f"{self.state.global_step} and lr schedule; its optimizer state and RNG are not used by LOMO")
 
 
 def _install_sigterm(handler):
@@ -378,36 +453,8 @@ def _install_sigterm(handler):
         return None
 
 
-def _is_tied(model, name: str) -> bool:
-    """A parameter saved under another name (tied input/output embeddings)."""
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    names = tied.keys() if isinstance(tied, dict) else tied
-    return any(re.fullmatch(pattern, name) or pattern == name for pattern in names)
-
-
 def _peak_memory_gb(device) -> float:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _rng_states() -> dict:
-    import random
-
-    import numpy as np
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_states(state: dict) -> None:
-    import random
-
-    import numpy as np
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,31 @@
+"""Every use of transformers'/accelerate's private attributes lives here, so an upgrade touches one file.
+
+Checked against transformers 5.17 and 5.23, accelerate 1.15:
+- ``TrainingArguments.hf_deepspeed_config.config`` is the dict accelerate hands to ``deepspeed.initialize``;
+- ``Accelerator._models`` is where ``evaluate()`` looks for an already-built DeepSpeed engine;
+- ``PreTrainedModel._tied_weights_keys`` names the parameters saved under another name (a dict in 5.x).
+"""
+from __future__ import annotations
+
+import re
+
+
+def strip_deepspeed_optimizer(args) -> None:
+    """accelerate must never build a DeepSpeed optimizer or scheduler for LOMO: drop both blocks from the config
+    it will pass to DeepSpeed (LOMOTrainer reads them from its own copy)."""
+    hf_ds = getattr(args, "hf_deepspeed_config", None)
+    if hf_ds is not None:
+        hf_ds.config.pop("optimizer", None)
+        hf_ds.config.pop("scheduler", None)
+
+
+def register_engine(accelerator, engine) -> None:
+    """``evaluate()`` builds its own DeepSpeed engine when accelerate knows no model: show it ours."""
+    accelerator._models.append(engine)
+
+
+def is_tied(model, name: str) -> bool:
+    """A parameter saved under another name (tied input/output embeddings)."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    names = tied.keys() if isinstance(tied, dict) else tied
+    return any(re.fullmatch(pattern, name) or pattern == name for pattern in names)
