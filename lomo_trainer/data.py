@@ -155,12 +155,12 @@ def _scan_file(key, path, *, limit, names=None, columns=None):
     except OSError as e:
         raise ConfigError(f"{where} cannot be read ({e.strerror}): check the path and its permissions") from None
     kind = _BUILDERS[os.path.splitext(path)[1].lower()]
-    rows, offset, decoder = [], 0, codecs.getincrementaldecoder("utf-8")()
+    rows, seen, offset, decoder = [], 0, 0, codecs.getincrementaldecoder("utf-8")()
     with f:
-        head = f.read(4096)
-        f.seek(0)
-        if kind == "json" and head.lstrip()[:1] == b"[":  # one JSON list, not JSON lines
+        if kind == "json" and f.read(4096).lstrip()[:1] == b"[":  # one JSON list, not JSON lines
+            f.seek(0)
             return _scan_json_array(where, f, names, columns)
+        f.seek(0)
         for number, line in enumerate(f, start=1):
             try:
                 text = decoder.decode(line)
@@ -168,36 +168,40 @@ def _scan_file(key, path, *, limit, names=None, columns=None):
                 raise ConfigError(f"{where} is not UTF-8: byte {offset + e.start} (line {number}) cannot be decoded; "
                                   "re-encode the file as UTF-8") from None
             offset += len(line)
-            if text.strip():
+            if not text.strip():
+                continue
+            seen += 1
+            if kind == "json":
+                text = _json_line(where, number, text)
+            if limit is not None:  # only the head is kept, for the field checks below
                 rows.append((number, text))
-            if limit is not None and (len(rows) >= limit or offset >= HEAD_BYTES):
-                break
-    if not rows:
+                if seen >= limit or offset >= HEAD_BYTES:
+                    break
+    if not seen:
         raise ConfigError(f"{where} is empty: it needs at least one example")
     if kind == "text":
         return columns or ("text",)
+    if not rows or (names is None and columns is None):  # a full scan, or nothing to compare the fields with
+        return columns
     if kind == "csv":
-        header = next(csv.reader(io.StringIO(rows[0][1])))
-        return columns or (_layout(header, *names, where) if names else None)
-    parsed = []
-    for number, text in rows:
-        try:
-            row = json.loads(text.rstrip())  # so that an error points into the line, not past its end
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where} line {number}: invalid JSON ({e.msg} at column {e.colno}): each line must "
-                              "be one JSON object") from None
-        if not isinstance(row, dict):
-            raise ConfigError(f"{where} line {number}: a JSON {type(row).__name__}, not an object: each line must be "
-                              "one object such as {\"prompt\": ..., \"completion\": ...}")
-        parsed.append((number, row))
-    if names is None and columns is None:
-        return None
+        return columns or _layout(next(csv.reader(io.StringIO(rows[0][1]))), *names, where)
     if columns is None:
-        keys = dict.fromkeys(k for _, row in parsed for k in row)
-        columns = _layout(list(keys), *names, where)
-    for number, row in parsed:
+        columns = _layout(list(dict.fromkeys(k for _, row in rows for k in row)), *names, where)
+    for number, row in rows:
         _check_fields(f"{where} line {number}", row, columns)
     return columns
+
+
+def _json_line(where, number, text) -> dict:
+    try:
+        row = json.loads(text.rstrip())  # so that an error points into the line, not past its end
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where} line {number}: invalid JSON ({e.msg} at column {e.colno}): each line must "
+                          "be one JSON object") from None
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where} line {number}: a JSON {type(row).__name__}, not an object: each line must be "
+                          "one object such as {\"prompt\": ..., \"completion\": ...}")
+    return row
 
 
 def _scan_json_array(where, f, names, columns):
