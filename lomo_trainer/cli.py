@@ -7,10 +7,12 @@ line naming the key, before a model, a dataset or DeepSpeed is touched.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -67,33 +69,132 @@ def parse(argv: list[str]):
     if not argv or argv[0].startswith("-"):
         raise ConfigError("usage: lomo-train RUN.json [--key value ...]  (see configs/ for run configs)")
     run_file, overrides = argv[0], argv[1:]
-    values = load_json(run_file) if os.path.isfile(run_file) else None
-    if values is None:
+    if not os.path.isfile(run_file):
         raise ConfigError(f"run config {run_file!r} does not exist: pass a JSON file such as configs/default_cpu.json")
-    if not isinstance(values, dict):
-        raise ConfigError(f"{run_file}: a run config must be a JSON object")
-    parser = HfArgumentParser((RunArguments, TrainingArguments))
+    values = load_json(run_file, "run config")
+    # no abbreviations: --learning_rat must be refused on the command line as it is in the file
+    parser = HfArgumentParser((RunArguments, TrainingArguments), allow_abbrev=False, exit_on_error=False)
+    parser.error = _parser_error
     known = {a.dest for a in parser._actions}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{run_file}: unknown key(s) {unknown}: use RunArguments or TrainingArguments field names")
+    _check_types(values, run_file, (RunArguments, TrainingArguments))
     parser.set_defaults(**{k: v for k, v in values.items()})
     for action in parser._actions:  # a value in the file satisfies a required flag
         if action.dest in values:
             action.required = False
     try:
-        run, targs, rest = parser.parse_args_into_dataclasses(args=overrides, return_remaining_strings=True)
-    except SystemExit:
-        raise ConfigError(f"bad command-line override in {overrides}: use --key value with field names") from None
+        namespace, rest = parser.parse_known_args(args=overrides)
+    except argparse.ArgumentError as e:  # a value argparse could not convert: one line, no usage text
+        raise ConfigError(f"{e.argument_name or 'command line'}: {e.message}: give a value of the field's type"
+                          ) from None
     if rest:
-        raise ConfigError(f"unknown command-line argument(s) {rest}: use --key value with field names")
+        raise ConfigError(f"unknown command-line argument(s) {rest}: use --key value with field names "
+                          "(written out in full)")
+    values = vars(namespace)
     base = os.path.dirname(os.path.abspath(run_file))
     for key in ("model_name_or_path", "tokenizer_name", "train_file", "validation_file"):
-        setattr(run, key, _resolve(getattr(run, key), base))
+        values[key] = _resolve(values[key], base)
+    deepspeed = values["deepspeed"]
+    values["deepspeed"] = _resolve(deepspeed, base) if isinstance(deepspeed, str) else deepspeed
+    values["resume_from_checkpoint"] = _resume_value(values.get("resume_from_checkpoint"))
+    run = RunArguments(**{f.name: values[f.name] for f in dataclasses.fields(RunArguments)})
+    # TrainingArguments is built here for its own checks and normalised values, without the DeepSpeed JSON:
+    # it would read that through accelerate, whose errors are long tracebacks; prevalidate reads it instead.
+    try:
+        targs = TrainingArguments(**{f.name: values[f.name] for f in dataclasses.fields(TrainingArguments)
+                                     if f.init and f.name != "deepspeed"})
+    except ValueError as e:
+        raise ConfigError(f"TrainingArguments: {str(e).strip().splitlines()[0]}") from None
     kwargs = {f.name: getattr(targs, f.name) for f in dataclasses.fields(targs) if f.init}
-    if kwargs.get("deepspeed"):
-        kwargs["deepspeed"] = _resolve(kwargs["deepspeed"], base)
-    return run, kwargs
+    return run, {**kwargs, "deepspeed": values["deepspeed"]}
+
+
+def _parser_error(message: str):
+    """argparse's error() prints the whole usage and exits; here it is one line."""
+    raise ConfigError(f"{message}: use --key value with field names")
+
+
+def _resume_value(value):
+    """The README's `--resume_from_checkpoint true` (or JSON true) means the latest checkpoint in output_dir:
+    Trainer.train takes a Python True for that; "false" means none; anything else is a path."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", ""):
+        value = value.strip().lower() == "true"
+    return True if value is True else (value or None)
+
+
+def _check_types(values: dict, run_file: str, classes) -> None:
+    """Run-config values against the dataclass field types: argparse converts only string defaults, so a JSON
+    value of the wrong type would otherwise fail later, or be taken as is."""
+    import typing
+
+    hints = {}
+    for cls in classes:
+        try:
+            hints.update(typing.get_type_hints(cls))
+        except Exception:  # an annotation this Python cannot evaluate: leave those fields to argparse
+            pass
+    for key, value in values.items():
+        if key == "resume_from_checkpoint" and isinstance(value, bool):
+            continue  # true: the latest checkpoint in output_dir
+        if key == "lomo_config" and isinstance(value, dict):
+            continue  # the object itself, instead of a JSON string
+        if key in hints and _accepts(hints[key], value) is False:
+            raise ConfigError(f"{run_file}: {key}={json.dumps(value)} must be {_describe(hints[key])}")
+
+
+def _accepts(tp, value):
+    """True/False when ``value`` fits annotation ``tp``; None when the annotation is not understood."""
+    import enum
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        results = [_accepts(a, value) for a in args]
+        return True if True in results else (None if None in results else False)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return value in {m.value for m in tp}
+    if origin is typing.Literal:
+        return value in args
+    if origin is list or tp is list:
+        return isinstance(value, list) and all(_accepts(args[0], v) is not False for v in value) if args else \
+            isinstance(value, list)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return None
+
+
+def _describe(tp) -> str:
+    import enum
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             dict: "a JSON object"}
+    if tp in names:
+        return names[tp]
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return f"one of {[m.value for m in tp]}"
+    if origin is list:
+        return f"a list of {_describe(args[0]) if args else 'values'}"
+    return getattr(tp, "__name__", str(tp))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,22 +203,84 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed still calls collectives that torch 2.13 renamed: one warning per call and rank is noise
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
     try:
+        from .data import precheck_data
+
         run, targs_kwargs = parse(argv)
-        lomo_config = json.loads(run.lomo_config) if run.lomo_config else None
+        lomo_config = _lomo_config(run.lomo_config)
         prevalidate(targs_kwargs, lomo_config)
-    except (ConfigError, json.JSONDecodeError) as e:
+        precheck_model(run, targs_kwargs)
+        precheck_data(run)
+        return _train(run, targs_kwargs, lomo_config)
+    except ConfigError as e:  # before the process group, or a data/config error found later: one line either way
         print(f"lomo-train: error: {e}", file=sys.stderr)
         return 2
-    return _train(run, targs_kwargs, lomo_config)
+
+
+def _lomo_config(value):
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"lomo_config is not valid JSON ({e.msg} at column {e.colno}): pass an object such as "
+                          "'{\"clip_grad_norm\": 1.0}'") from None
 
 
 def prevalidate(targs_kwargs: dict, lomo_config) -> None:
     """Validate the DeepSpeed JSON against the arguments before TrainingArguments exists (with a DeepSpeed
     config it initialises the process group)."""
-    ns = dataclasses.make_dataclass("Args", list(targs_kwargs))(**targs_kwargs)
-    ns.seed = targs_kwargs.get("seed", 42)
-    ds = load_json(targs_kwargs["deepspeed"]) if targs_kwargs.get("deepspeed") else None
-    validate(ds, ns, lomo_config)
+    from types import SimpleNamespace
+
+    ds = targs_kwargs.get("deepspeed")
+    validate(load_json(ds) if ds else None, SimpleNamespace(**targs_kwargs), lomo_config)
+    resume = targs_kwargs.get("resume_from_checkpoint")
+    if isinstance(resume, str) and not os.path.isdir(resume):
+        raise ConfigError(f"resume_from_checkpoint={resume!r} does not exist: pass a checkpoint-N folder, or true "
+                          "for the latest one in output_dir")
+
+
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def precheck_model(run: RunArguments, targs_kwargs: dict | None = None) -> None:
+    """The model folder before any process group: from_pretrained's own errors come late and misleading (a
+    missing local path reads "Repo id must be in the form ...")."""
+    for key in ("model_name_or_path", "tokenizer_name"):
+        path = getattr(run, key)
+        if path is None:
+            continue
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{key} must be a local folder or a hub id such as org/name, got {path!r}")
+        if not os.path.exists(path):
+            _check_hub_id(key, path)
+            continue
+        if not os.path.isdir(path):
+            raise ConfigError(f"{key}={path!r} is a file: pass the folder that holds config.json and the tokenizer")
+        files = set(os.listdir(path))
+        if not files:
+            raise ConfigError(f"{key}={path!r} is an empty folder: pass a folder with config.json, the tokenizer "
+                              "files and the weights (a save_pretrained folder)")
+        if key == "model_name_or_path" and "config.json" not in files:
+            raise ConfigError(f"{key}={path!r} has no config.json: pass a save_pretrained folder (config.json, "
+                              "tokenizer, weights) or a hub id")
+        if key == "model_name_or_path" and not run.init_from_scratch and not files & set(WEIGHTS):
+            raise ConfigError(f"{key}={path!r} has no weights ({' / '.join(WEIGHTS[::2])}): pass a folder with "
+                              "weights, or init_from_scratch true for random weights")
+
+
+def _check_hub_id(key: str, name: str) -> None:
+    """A name that is not a local path may be a hub id: allowed through when online, looked up in the local
+    cache when HF_HUB_OFFLINE is set."""
+    if not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", name):  # "name" or "org/name", not a path like ./x or /x
+        raise ConfigError(f"{key}={name!r} does not exist: pass an existing local folder or a hub id such as org/name")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json" if key == "model_name_or_path" else "tokenizer_config.json")
+        if not isinstance(cached, str):
+            raise ConfigError(f"{key}={name!r} is not a local folder and HF_HUB_OFFLINE=1: it is not found locally "
+                              "(not in the hub cache); pass a local folder, or download it first with HF_HUB_OFFLINE "
+                              "unset")
 
 
 def _train(run: RunArguments, targs_kwargs: dict, lomo_config) -> int:

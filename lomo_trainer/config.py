@@ -28,23 +28,49 @@ OPTIMIZER_PARAMS = {"lr", "weight_decay", "clip_grad_norm", "clip_grad_value", "
 SCHEDULERS = {"WarmupLR", "WarmupDecayLR", "WarmupCosineLR"}
 FP16_KEYS = {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
              "consecutive_hysteresis", "min_loss_scale"}
+# DeepSpeed's defaults (runtime/fp16 constants), written out so that an fp16 block is never an empty (falsy) dict
+FP16_DEFAULTS = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                 "min_loss_scale": 1}
+# Parameters of DeepSpeed's schedulers (deepspeed/runtime/lr_schedules.py); all numeric but warmup_type
+SCHEDULER_PARAMS = {
+    "WarmupLR": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type", "last_batch_iteration"},
+    "WarmupDecayLR": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type", "total_num_steps",
+                      "last_batch_iteration"},
+    "WarmupCosineLR": {"warmup_min_ratio", "warmup_num_steps", "warmup_type", "total_num_steps", "cos_min_ratio",
+                       "last_batch_iteration"},
+}
 
 
 class ConfigError(ValueError):
     """A bad or contradictory configuration: the message names the key(s) and the fix."""
 
 
-def load_json(path_or_dict) -> dict:
+def load_json(path_or_dict, what: str = "DeepSpeed config") -> dict:
+    """A JSON object from a file (or a copy of a dict); every failure names the file."""
     if isinstance(path_or_dict, dict):
         return copy.deepcopy(path_or_dict)
     path = os.fspath(path_or_dict)
     if not os.path.isfile(path):
-        raise ConfigError(f"DeepSpeed config {path!r} does not exist: pass the path of a JSON file (see configs/)")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise ConfigError(f"{what} {path!r} does not exist: pass the path of a JSON file (see configs/)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path}: cannot be read ({e}): pass a readable UTF-8 JSON file") from None
+    if not text.strip():
+        raise ConfigError(f"{what} {path} is empty: it must hold a JSON object {{...}}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} {path} must be a JSON object {{...}}, got a {_json_type(value)}")
+    return value
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
 
 
 def _auto(value, fallback):
@@ -59,6 +85,87 @@ def _number(key: str, value, *, positive: bool = False, allow_none: bool = True)
     if value < 0 or (positive and value == 0):
         raise ConfigError(f"{key} must be {'> 0' if positive else '>= 0'}, got {value}")
     return float(value)
+
+
+def _integer(key: str, value, *, minimum: int = 1, auto: bool = True):
+    """An int >= minimum, or "auto" where allowed (returned as is)."""
+    if auto and value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        alternative = ' or "auto"' if auto else ""
+        raise ConfigError(f"{key} must be an integer >= {minimum}{alternative}, got {value!r}")
+    return value
+
+
+def _block(parent: dict, key: str, name: str | None = None, example: str = "{...}") -> dict:
+    """A nested JSON object: absent gives {}, anything but an object (null, true, a list) is refused."""
+    if key not in parent:
+        return {}
+    value = parent[key]
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name or key} must be a JSON object like {example}, got {json.dumps(value)}: "
+                          "fix it or remove the key")
+    return value
+
+
+def _check_scheduler(scheduler: dict, lr: float) -> None:
+    """DeepSpeed scheduler params: known keys, numbers (or "auto"), and a peak lr that agrees with the lr."""
+    kind = scheduler.get("type")
+    if kind not in SCHEDULER_PARAMS:
+        raise ConfigError(f"scheduler.type {kind!r} is not supported: use one of {sorted(SCHEDULER_PARAMS)}, or drop "
+                          "the block and set lr_scheduler_type in TrainingArguments")
+    params = _block(scheduler, "params", "scheduler.params")
+    unknown = set(params) - SCHEDULER_PARAMS[kind]
+    if unknown:
+        raise ConfigError(f"scheduler.params has unknown key(s) {sorted(unknown)} for {kind}: allowed are "
+                          f"{sorted(SCHEDULER_PARAMS[kind])}")
+    for key, value in params.items():
+        name = f"scheduler.params.{key}"
+        if key == "warmup_type":
+            if value not in ("log", "linear", "auto"):
+                raise ConfigError(f"{name}={value!r}: use \"log\" or \"linear\"")
+        elif key in ("warmup_num_steps", "total_num_steps"):
+            _integer(name, value, minimum=0)
+        elif key == "last_batch_iteration":
+            _integer(name, value, minimum=-1, auto=False)
+        elif value != "auto":
+            _number(name, value, allow_none=False)
+    peak = params.get("warmup_max_lr", "auto")
+    if peak != "auto" and not math.isclose(peak, lr):
+        raise ConfigError(f"scheduler.params.warmup_max_lr={peak} but the optimizer lr is {lr}: "
+                          "set one to match or use \"auto\"")
+
+
+def _check_device_dtype(fp16: bool, bf16: bool) -> None:
+    """DeepSpeed refuses a dtype its accelerator lacks only inside deepspeed.initialize (engine._do_sanity_check),
+    after the process group: ask the same gate now. Asked at every call, never cached: tests patch it."""
+    if not (fp16 or bf16):
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if fp16 and not accelerator.is_fp16_supported():
+        raise ConfigError(f"fp16 is enabled but this device ({accelerator.device_name()}) has no fp16 support in "
+                          "DeepSpeed: use bf16 (--bf16 true) or fp32 (--fp16 false)")
+    if bf16 and not accelerator.is_bf16_supported():
+        raise ConfigError(f"bf16 is enabled but this device ({accelerator.device_name()}) has no bf16 support in "
+                          "DeepSpeed: use fp16 (--fp16 true) or fp32 (--bf16 false)")
+
+
+def _check_batch(ds: dict, args) -> None:
+    """The batch keys against the arguments; the world size is known before the process group only from the
+    launcher's WORLD_SIZE (engine_config checks again once it is certain)."""
+    per_device = _integer("per_device_train_batch_size", getattr(args, "per_device_train_batch_size", 1), auto=False)
+    micro = _auto(_integer("train_micro_batch_size_per_gpu", ds.get("train_micro_batch_size_per_gpu", "auto")),
+                  per_device)
+    if micro != per_device:
+        raise ConfigError(f"train_micro_batch_size_per_gpu={micro} but TrainingArguments.per_device_train_batch_size="
+                          f"{per_device}: set one to match or use \"auto\"")
+    total = _integer("train_batch_size", ds.get("train_batch_size", "auto"))
+    world = os.environ.get("WORLD_SIZE", "")
+    if total != "auto" and world.isdigit() and total != micro * int(world):
+        raise ConfigError(f"train_batch_size={total} but micro batch {micro} x {world} processes = "
+                          f"{micro * int(world)}: set it to \"auto\"")
 
 
 @dataclass
@@ -88,72 +195,99 @@ def validate(ds_config: dict | None, args, lomo_config: dict | None = None) -> L
     """Check a DeepSpeed config (or None: no DeepSpeed) against TrainingArguments ``args``.
 
     ``lomo_config`` holds optimizer params for runs without a DeepSpeed JSON (same keys as
-    ``optimizer.params``)."""
+    ``optimizer.params``). An absent ``fp16``/``bf16`` block (or ``enabled`` key) counts as ``"auto"``, as
+    accelerate fills it: ``--fp16 true`` with such a JSON trains in fp16, never silently in fp32."""
     ds = ds_config or {}
     if not isinstance(ds, dict):
-        raise ConfigError(f"the DeepSpeed config must be a JSON object, got {type(ds).__name__}")
+        raise ConfigError(f"the DeepSpeed config must be a JSON object, got {_json_type(ds)}")
+    if lomo_config is not None and not isinstance(lomo_config, dict):
+        raise ConfigError(f"lomo_config must be a JSON object of optimizer.params keys, got {_json_type(lomo_config)}")
 
-    opt = ds.get("optimizer")
+    opt = _block(ds, "optimizer", example='{"type": "LOMO", "params": {...}}')
     params = dict(lomo_config or {})
-    if opt is not None:
-        if not isinstance(opt, dict) or "type" not in opt:
+    if "optimizer" in ds:
+        if "type" not in opt:
             raise ConfigError('optimizer must be {"type": "LOMO", "params": {...}}')
         if str(opt["type"]).lower() != "lomo":
             raise ConfigError(f"optimizer.type {opt['type']!r} is not supported by LOMOTrainer: set it to \"LOMO\" "
                               "(or use transformers.Trainer for DeepSpeed's own optimizers)")
         if lomo_config:
             raise ConfigError("optimizer params given both in the DeepSpeed JSON and as lomo_config: keep one")
-        params = dict(opt.get("params") or {})
+        params = dict(_block(opt, "params", "optimizer.params", '{"lr": "auto"}'))
     unknown = set(params) - OPTIMIZER_PARAMS
     if unknown:
         raise ConfigError(f"optimizer.params has unknown key(s) {sorted(unknown)}: allowed are {sorted(OPTIMIZER_PARAMS)}")
 
-    gas = _auto(ds.get("gradient_accumulation_steps", "auto"), args.gradient_accumulation_steps)
-    if gas != 1 or args.gradient_accumulation_steps != 1:
-        raise ConfigError(f"gradient_accumulation_steps={max(gas, args.gradient_accumulation_steps)}: LOMO updates "
+    args_gas = _integer("gradient_accumulation_steps (TrainingArguments)", args.gradient_accumulation_steps,
+                        auto=False)
+    gas = _auto(_integer("gradient_accumulation_steps", ds.get("gradient_accumulation_steps", "auto")), args_gas)
+    if gas != 1 or args_gas != 1:
+        raise ConfigError(f"gradient_accumulation_steps={max(gas, args_gas)}: LOMO updates "
                           "inside backward, so it must be 1; raise the micro-batch size (per_device_train_batch_size)")
 
-    zero = ds.get("zero_optimization", {})
+    zero = _block(ds, "zero_optimization", example='{"stage": 3}')
     stage = zero.get("stage", 0) if ds_config is not None else None
     if ds_config is not None and stage != 3:
-        raise ConfigError(f"zero_optimization.stage={stage}: LOMOTrainer's partitioned update needs stage 3 "
+        raise ConfigError(f"zero_optimization.stage={stage!r}: LOMOTrainer's partitioned update needs stage 3 "
                           "(or run without a DeepSpeed config)")
     warnings = []
     if ds_config is not None:
-        off_param = (zero.get("offload_param") or {}).get("device", "none")
-        if off_param == "nvme":
-            raise ConfigError("zero_optimization.offload_param.device='nvme' is not supported: use 'cpu' or 'none'")
-        if (zero.get("offload_optimizer") or {}).get("device", "none") != "none":
+        _check_batch(ds, args)
+        off_param = _block(zero, "offload_param", "zero_optimization.offload_param", '{"device": "cpu"}')
+        off_opt = _block(zero, "offload_optimizer", "zero_optimization.offload_optimizer", '{"device": "none"}')
+        if off_param.get("device", "none") not in ("cpu", "none"):
+            raise ConfigError(f"zero_optimization.offload_param.device={off_param['device']!r} is not supported: "
+                              "use 'cpu' or 'none'")
+        if off_opt.get("device", "none") != "none":
             warnings.append("zero_optimization.offload_optimizer is ignored: LOMO keeps no optimizer state")
 
-    fp16_block, bf16_block = ds.get("fp16") or {}, ds.get("bf16") or {}
-    fp16 = bool(_auto(fp16_block.get("enabled", False), args.fp16))
-    bf16 = bool(_auto(bf16_block.get("enabled", False), args.bf16))
-    if ds_config is None:
-        fp16, bf16 = bool(args.fp16), bool(args.bf16)
-    else:
-        if fp16 != bool(args.fp16) and "fp16" in ds and fp16_block.get("enabled") != "auto":
-            raise ConfigError(f"fp16.enabled={fp16} in the DeepSpeed config but TrainingArguments.fp16={args.fp16}: "
+    fp16_block = _block(ds, "fp16", example='{"enabled": "auto"}')
+    bf16_block = _block(ds, "bf16", example='{"enabled": "auto"}')
+    for key, block, flag in (("fp16", fp16_block, args.fp16), ("bf16", bf16_block, args.bf16)):
+        enabled = block.get("enabled", "auto")
+        if enabled != "auto" and not isinstance(enabled, bool):
+            raise ConfigError(f'{key}.enabled must be true, false or "auto", got {json.dumps(enabled)}')
+        if ds_config is not None and enabled != "auto" and enabled != bool(flag):
+            raise ConfigError(f"{key}.enabled={enabled} in the DeepSpeed config but TrainingArguments.{key}={flag}: "
                               "set one to match or use \"auto\"")
-        if bf16 != bool(args.bf16) and "bf16" in ds and bf16_block.get("enabled") != "auto":
-            raise ConfigError(f"bf16.enabled={bf16} in the DeepSpeed config but TrainingArguments.bf16={args.bf16}: "
-                              "set one to match or use \"auto\"")
+    fp16, bf16 = bool(args.fp16), bool(args.bf16)  # equal to the blocks' "enabled" after the check above
     if fp16 and bf16:
         raise ConfigError("fp16 and bf16 are both enabled: choose one (fp16.enabled / bf16.enabled, --fp16 / --bf16)")
     unknown16 = set(fp16_block) - FP16_KEYS
     if fp16 and unknown16:
         raise ConfigError(f"fp16 has unknown key(s) {sorted(unknown16)}: allowed are {sorted(FP16_KEYS)}")
+    fp16_cfg = None
+    if fp16:
+        fp16_cfg = {**FP16_DEFAULTS, **{k: v for k, v in fp16_block.items() if k not in ("enabled", "auto_cast")}}
+        for key, value in fp16_cfg.items():
+            if key == "consecutive_hysteresis":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"fp16.consecutive_hysteresis must be true or false, got {json.dumps(value)}")
+            else:
+                _number(f"fp16.{key}", value, allow_none=False)
+        from .loss_scaler import DynamicLossScaler
 
-    lr = _number("optimizer.params.lr", _auto(params.get("lr", "auto"), args.learning_rate), allow_none=False)
-    if "lr" in params and params["lr"] != "auto" and lr != args.learning_rate:
+        try:  # its own range checks, now rather than when LOMO is built after the engine
+            DynamicLossScaler.from_ds_config(fp16_cfg)
+        except ValueError as e:
+            raise ConfigError(f"{e}: fix the DeepSpeed config's fp16 block") from None
+    if ds_config is not None:
+        _check_device_dtype(fp16, bf16)
+
+    lr_from_args = params.get("lr", "auto") == "auto"
+    lr = _number("learning_rate" if lr_from_args else "optimizer.params.lr",
+                 _auto(params.get("lr", "auto"), args.learning_rate), allow_none=False)
+    if not lr_from_args and lr != args.learning_rate:
         raise ConfigError(f"optimizer.params.lr={lr} but TrainingArguments.learning_rate={args.learning_rate}: "
                           "set one to match or use \"auto\"")
-    wd = _number("optimizer.params.weight_decay", _auto(params.get("weight_decay", "auto"), args.weight_decay),
-                 allow_none=False)
+    wd_from_args = params.get("weight_decay", "auto") == "auto"
+    wd = _number("weight_decay" if wd_from_args else "optimizer.params.weight_decay",
+                 _auto(params.get("weight_decay", "auto"), args.weight_decay), allow_none=False)
 
     # Norm clipping: DeepSpeed's gradient_clipping and optimizer.params.clip_grad_norm mean the same thing.
     ds_clip = _auto(ds.get("gradient_clipping", "auto"), args.max_grad_norm)
     opt_clip = _auto(params.get("clip_grad_norm", "auto"), ds_clip)
+    _number("gradient_clipping", ds_clip)
     if "gradient_clipping" in ds and "clip_grad_norm" in params and ds["gradient_clipping"] != "auto" \
             and params["clip_grad_norm"] != "auto" and (ds_clip or None) != (opt_clip or None):
         raise ConfigError(f"gradient_clipping={ds_clip} but optimizer.params.clip_grad_norm={opt_clip}: "
@@ -165,21 +299,21 @@ def validate(ds_config: dict | None, args, lomo_config: dict | None = None) -> L
         raise ConfigError(f"optimizer.params.clip_mode={clip_mode!r}: use \"global\" (exact, two backward passes) "
                           "or \"per_param\" (one pass)")
     sr = params.get("stochastic_rounding", False)
+    if not isinstance(sr, bool):
+        raise ConfigError(f"optimizer.params.stochastic_rounding must be true or false, got {json.dumps(sr)}")
     if sr and not bf16:
         raise ConfigError("optimizer.params.stochastic_rounding needs bf16 weights: enable bf16 or remove it")
+    seed = _integer("optimizer.params.seed", _auto(params.get("seed", "auto"), args.seed), minimum=0, auto=False)
 
     scheduler = ds.get("scheduler")
     if scheduler is not None:
-        if not isinstance(scheduler, dict) or scheduler.get("type") not in SCHEDULERS:
-            raise ConfigError(f"scheduler.type {scheduler.get('type') if isinstance(scheduler, dict) else scheduler!r}"
-                              f" is not supported: use one of {sorted(SCHEDULERS)}, or drop the block and set "
-                              "lr_scheduler_type in TrainingArguments")
+        if not isinstance(scheduler, dict):
+            raise ConfigError(f"scheduler must be a JSON object like {{\"type\": \"WarmupDecayLR\", \"params\": {{...}}}}"
+                              f", got {json.dumps(scheduler)}")
+        _check_scheduler(scheduler, lr)
 
-    fp16_cfg = None
-    if fp16:
-        fp16_cfg = {k: v for k, v in fp16_block.items() if k not in ("enabled", "auto_cast")}
     return LOMOSettings(lr=lr, weight_decay=wd, clip_grad_norm=clip_norm or None, clip_grad_value=clip_value,
-                        clip_mode=clip_mode, stochastic_rounding=bool(sr), seed=int(params.get("seed", args.seed)),
+                        clip_mode=clip_mode, stochastic_rounding=sr, seed=seed,
                         fp16=fp16_cfg, bf16=bf16, scheduler=scheduler, zero_stage=stage, warnings=warnings)
 
 
@@ -201,9 +335,12 @@ def engine_config(ds_config: dict, args, world_size: int) -> dict:
     cfg["train_batch_size"] = total
     cfg["gradient_clipping"] = 0.0  # LOMO clips; DeepSpeed never sees a gradient
     for key, flag in (("fp16", args.fp16), ("bf16", args.bf16)):
-        if key in cfg:  # DeepSpeed only casts the module; loss scaling is LOMO's, so its keys stay out
-            block = cfg[key]
-            cfg[key] = {"enabled": _auto(block.get("enabled", False), flag)}
+        # DeepSpeed only casts the module; loss scaling is LOMO's, so its keys stay out. An absent block or
+        # "enabled" is "auto" (as validate reads it): --fp16 true must reach DeepSpeed even without a block.
+        block = cfg.get(key) or {}
+        enabled = bool(_auto(block.get("enabled", "auto"), flag))
+        if key in cfg or enabled:
+            cfg[key] = {"enabled": enabled}
             if "auto_cast" in block:
                 cfg[key]["auto_cast"] = block["auto_cast"]
     zero = cfg.setdefault("zero_optimization", {})

@@ -10,15 +10,9 @@ import math
 
 from torch.optim.lr_scheduler import LambdaLR
 
-from .config import ConfigError
+from .config import SCHEDULER_PARAMS, ConfigError
 
-_KNOWN = {
-    "WarmupLR": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type", "last_batch_iteration"},
-    "WarmupDecayLR": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type", "total_num_steps",
-                      "last_batch_iteration"},
-    "WarmupCosineLR": {"warmup_min_ratio", "warmup_num_steps", "warmup_type", "total_num_steps", "cos_min_ratio",
-                       "last_batch_iteration"},
-}
+_KNOWN = SCHEDULER_PARAMS
 
 
 def _warmup_gamma(step: int, warmup: int, kind: str) -> float:

@@ -26,3 +26,154 @@ def test_default_run_trains_saves_and_evaluates(tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("review: great fun sentiment:", return_tensors="pt").input_ids
     assert model(input_ids=ids).logits.shape[-1] == len(tok)
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2, no process group
+import re  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lomo_trainer import cli  # noqa: E402
+
+DEFAULT = json.load(open(os.path.join(ROOT, "configs", "default_cpu.json")))
+ZERO3 = {"zero_optimization": {"stage": 3}, "optimizer": {"type": "LOMO", "params": {"lr": "auto"}}}
+
+
+@pytest.fixture
+def lomo_train(tmp_path, capsys, monkeypatch):
+    """main() on the default run config with ``changes`` (None deletes a key); training itself is stubbed out,
+    so a check that fails to fire shows as "reached training", never as a training run."""
+    reached = []
+    monkeypatch.setattr(cli, "_train", lambda run, kwargs, lomo: reached.append((run, kwargs)) or 0)
+
+    def call(*overrides, **changes):
+        values = {**DEFAULT, "output_dir": str(tmp_path / "out"), **changes}
+        run = tmp_path / "run.json"
+        run.write_text(json.dumps({k: v for k, v in values.items() if v is not None}))
+        rc = cli.main([str(run), *overrides])
+        assert not torch.distributed.is_initialized(), "a start-up check must come before any process group"
+        return rc, capsys.readouterr().err.strip(), reached
+    return call
+
+
+def refused(lomo_train, match, *overrides, **changes):
+    rc, err, reached = lomo_train(*overrides, **changes)
+    assert not reached, "reached training"
+    assert rc == 2, err
+    assert err.startswith("lomo-train: error: ") and "\n" not in err, err
+    assert re.search(match, err), err
+    return err
+
+
+def write(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    return str(path)
+
+
+@pytest.mark.parametrize("overrides, changes, match", [
+    ((), {"learning_rate": "fast"}, r"run.json: learning_rate=\"fast\" must be a number$"),
+    ((), {"seed": "auto"}, r"run.json: seed=\"auto\" must be an integer$"),
+    ((), {"per_device_train_batch_size": 2.5}, r"per_device_train_batch_size=2.5 must be an integer$"),
+    ((), {"max_length": -1}, r"max_length must be an integer >= 2 \(tokens per example\), got -1$"),
+    ((), {"use_cpu": "yes"}, r"use_cpu=\"yes\" must be true or false$"),
+    ((), {"eval_choices": " positive"}, r"eval_choices=\" positive\" must be a list of a string or null"),
+    (("--learning_rate", "fast"), {}, r"--learning_rate/--learning-rate: invalid float value: 'fast'"),
+    (("--fp16", "maybe"), {}, r"--fp16: Truthy value expected: got maybe"),
+    (("--learning_rat", "-1"), {}, r"unknown command-line argument\(s\) \['--learning_rat', '-1'\]"),
+    (("--learning_rate",), {}, r"--learning_rate.*expected one argument"),
+    (("--lomo_config", "{oops"), {"deepspeed": None}, r"lomo_config is not valid JSON"),
+    (("--lomo_config", "[1]"), {"deepspeed": None}, r"lomo_config must be a JSON object"),
+])
+def test_wrong_types_are_one_line(lomo_train, overrides, changes, match):
+    err = refused(lomo_train, match, *overrides, **changes)
+    assert "usage:" not in err
+
+
+def test_no_abbreviations(lomo_train):
+    """--learning_rat used to be taken as --learning_rate; the same typo in the file was refused."""
+    refused(lomo_train, r"unknown command-line argument\(s\) \['--learning_rat', '0.1'\]", "--learning_rat", "0.1")
+    refused(lomo_train, r"run.json: unknown key\(s\) \['learning_rat'\]", learning_rat=0.1)
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, r"DeepSpeed config '.*nope.json' does not exist"),
+    ("", r"DeepSpeed config .*ds.json is empty"),
+    ('{"zero_optimization": {"stage": 3},\n "optimizer": }', r"ds.json: invalid JSON at line 2 column 15"),
+    ("[1, 2]", r"DeepSpeed config .*ds.json must be a JSON object \{...\}, got a list"),
+    (json.dumps({**ZERO3, "gradient_accumulation_steps": "4"}), r"gradient_accumulation_steps must be an integer"),
+    (json.dumps({**ZERO3, "zero_optimization": None}), r"zero_optimization must be a JSON object"),
+    (json.dumps({**ZERO3, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "lots"}}}),
+     r"scheduler.params.warmup_num_steps must be an integer >= 0 or \"auto\", got 'lots'"),
+    (json.dumps({**ZERO3, "train_micro_batch_size_per_gpu": 4}),
+     r"train_micro_batch_size_per_gpu=4 but TrainingArguments.per_device_train_batch_size=32"),
+])
+def test_deepspeed_json_errors_at_start_up(lomo_train, tmp_path, content, match):
+    path = str(tmp_path / "nope.json") if content is None else write(tmp_path, "ds.json", content)
+    refused(lomo_train, match, deepspeed=path)
+
+
+def test_fp16_on_a_device_deepspeed_refuses_stops_at_start_up(lomo_train, monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: False)
+    refused(lomo_train, r"error: fp16 is enabled but this device \(cpu\) has no fp16 support in DeepSpeed: "
+                        r"use bf16 \(--bf16 true\) or fp32", "--fp16", "true")
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: True)
+    rc, _, reached = lomo_train("--fp16", "true")
+    assert rc == 0 and reached and reached[0][1]["fp16"] is True
+
+
+def test_model_path_errors(lomo_train, tmp_path, monkeypatch):
+    tiny = os.path.join(ROOT, "lomo_trainer", "assets", "tiny-llama")
+    refused(lomo_train, r"model_name_or_path='\./no/such/model' does not exist: pass an existing local folder",
+            model_name_or_path="./no/such/model")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused(lomo_train, r"model_name_or_path='.*empty' is an empty folder", model_name_or_path=str(empty))
+    (tmp_path / "noconfig").mkdir()
+    write(tmp_path, "noconfig/tokenizer.json", "{}")
+    refused(lomo_train, r"'.*noconfig' has no config.json", model_name_or_path=str(tmp_path / "noconfig"))
+    refused(lomo_train, r"model_name_or_path='.*tiny-llama' has no weights \(model.safetensors / pytorch_model.bin\): "
+                        r"pass a folder with weights, or init_from_scratch true", model_name_or_path=tiny,
+            init_from_scratch=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    refused(lomo_train, r"model_name_or_path='no-org/no-model' is not a local folder and HF_HUB_OFFLINE=1: "
+                        r"it is not found locally", model_name_or_path="no-org/no-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online, a hub id goes through to from_pretrained
+    rc, _, reached = lomo_train(model_name_or_path="no-org/no-model")
+    assert rc == 0 and reached
+
+
+def test_data_errors_at_start_up(lomo_train, tmp_path):
+    good = [json.dumps({"prompt": f"review: {i}", "completion": " positive"}) for i in range(80)]
+    refused(lomo_train, r"train_file='.*train.jsonl' is empty: it needs at least one example",
+            train_file=write(tmp_path, "train.jsonl", ""))
+    bad = list(good)
+    bad[40] = '{"prompt": "review: x", "completion": '
+    refused(lomo_train, r"train.jsonl' line 41: invalid JSON \(Expecting value at column 38\)",
+            train_file=write(tmp_path, "train.jsonl", "\n".join(bad)))
+    refused(lomo_train, r"validation_file='.*val.jsonl' line 2: no 'completion' \(fields: \['prompt'\]\)",
+            validation_file=write(tmp_path, "val.jsonl", good[0] + '\n{"prompt": "x"}\n'))
+    refused(lomo_train, r"train_file='.*missing.jsonl' does not exist", train_file=str(tmp_path / "missing.jsonl"))
+
+
+@pytest.mark.parametrize("given, expected", [
+    (["--resume_from_checkpoint", "true"], True), (["--resume_from_checkpoint", "True"], True),
+    (["--resume_from_checkpoint", "false"], None), ([], None), (["--resume_from_checkpoint", "ckpt/x"], "ckpt/x"),
+])
+def test_resume_true_means_latest_checkpoint(tmp_path, given, expected):
+    run = write(tmp_path, "run.json", json.dumps({"model_name_or_path": "m", "output_dir": "o"}))
+    assert cli.parse([run, *given])[1]["resume_from_checkpoint"] == expected
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), (False, None), ("true", True), ("out/checkpoint-2", "out/checkpoint-2")])
+def test_resume_in_the_run_json(tmp_path, value, expected):
+    run = write(tmp_path, "run.json", json.dumps({"model_name_or_path": "m", "resume_from_checkpoint": value}))
+    assert cli.parse([run])[1]["resume_from_checkpoint"] == expected
+
+
+def test_resume_from_a_missing_folder_is_refused_at_start_up(lomo_train, tmp_path):
+    refused(lomo_train, r"resume_from_checkpoint='.*nowhere' does not exist: pass a checkpoint-N folder, or true",
+            "--resume_from_checkpoint", str(tmp_path / "nowhere"))

@@ -26,6 +26,18 @@ def targs(**kw):
 ZERO3 = {"zero_optimization": {"stage": 3}, "optimizer": {"type": "LOMO", "params": {"lr": "auto"}}}
 
 
+def fp16_support(monkeypatch, supported):
+    """DeepSpeed's own gate (engine._do_sanity_check), patched: CPUs here differ in AVX512-FP16."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: supported)
+
+
+@pytest.fixture(autouse=True)
+def fp16_device(monkeypatch):
+    fp16_support(monkeypatch, True)
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.json"))))
 def test_shipped_deepspeed_configs_validate(path):
     cfg = load_json(path)
@@ -71,6 +83,42 @@ BAD = [
     ({**ZERO3, "scheduler": {"type": "OneCycle"}}, {}, "scheduler.type 'OneCycle'"),
     ({**ZERO3, "fp16": {"enabled": True, "loss_scale_windw": 10}}, {"fp16": True}, r"fp16 has unknown key"),
     ([1, 2], {}, "must be a JSON object"),
+    # wrong types and shapes: one line naming the key, never a TypeError/AttributeError inside the validator
+    ({**ZERO3, "gradient_accumulation_steps": "4"}, {}, "gradient_accumulation_steps must be an integer >= 1 or "
+                                                          "\"auto\", got '4'"),
+    ({**ZERO3, "zero_optimization": None}, {}, r"zero_optimization must be a JSON object like \{\"stage\": 3\}, got "
+                                                "null: fix it or remove the key"),
+    ({**ZERO3, "fp16": True}, {"fp16": True}, r"fp16 must be a JSON object like \{\"enabled\": \"auto\"\}, got true"),
+    ({**ZERO3, "bf16": [True]}, {}, r"bf16 must be a JSON object like .*, got \[true\]"),
+    ({**ZERO3, "optimizer": {"type": "LOMO", "params": [0.1]}}, {}, r"optimizer.params must be a JSON object"),
+    ({**ZERO3, "optimizer": {"type": "LOMO", "params": {"seed": "x"}}}, {}, "optimizer.params.seed must be an integer"),
+    ({**ZERO3, "optimizer": {"type": "LOMO", "params": {"stochastic_rounding": "yes"}}}, {"bf16": True},
+     "optimizer.params.stochastic_rounding must be true or false"),
+    ({**ZERO3, "fp16": {"enabled": "yes"}}, {"fp16": True}, 'fp16.enabled must be true, false or "auto", got "yes"'),
+    ({**ZERO3, "fp16": {"loss_scale_window": 0}}, {"fp16": True}, "fp16.loss_scale_window must be >= 1, got 0"),
+    ({**ZERO3, "fp16": {"hysteresis": "2"}}, {"fp16": True}, "fp16.hysteresis must be a number, got '2'"),
+    ({**ZERO3, "train_micro_batch_size_per_gpu": 2.5}, {}, "train_micro_batch_size_per_gpu must be an integer"),
+    ({**ZERO3, "train_micro_batch_size_per_gpu": 4}, {}, "train_micro_batch_size_per_gpu=4 but TrainingArguments"
+                                                         ".per_device_train_batch_size=2"),
+    (ZERO3, {"per_device_train_batch_size": 2.5}, "per_device_train_batch_size must be an integer >= 1, got 2.5"),
+    (ZERO3, {"learning_rate": -1}, "learning_rate must be >= 0, got -1"),
+    ({**ZERO3, "gradient_clipping": "big"}, {}, "gradient_clipping must be a number, got 'big'"),
+    ({**ZERO3, "zero_optimization": {"stage": 3, "offload_param": "cpu"}}, {}, "zero_optimization.offload_param "
+                                                                               "must be a JSON object"),
+    ({**ZERO3, "zero_optimization": {"stage": 3, "offload_param": {"device": "disk"}}}, {}, "offload_param.device="),
+    # scheduler params at start-up, not once the engine exists
+    ({**ZERO3, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "lots"}}}, {},
+     "scheduler.params.warmup_num_steps must be an integer >= 0 or \"auto\", got 'lots'"),
+    ({**ZERO3, "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "low"}}}, {},
+     "scheduler.params.warmup_min_lr must be a number, got 'low'"),
+    ({**ZERO3, "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_max_lr": 0.1}}}, {},
+     r"scheduler.params has unknown key\(s\) \['warmup_max_lr'\] for WarmupCosineLR"),
+    ({**ZERO3, "scheduler": {"type": "WarmupLR", "params": {"warmup_type": "cubic"}}}, {},
+     "scheduler.params.warmup_type='cubic': use \"log\" or \"linear\""),
+    ({**ZERO3, "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.5}}}, {},
+     "scheduler.params.warmup_max_lr=0.5 but the optimizer lr is 0.001"),
+    ({**ZERO3, "scheduler": {"type": "WarmupLR", "params": ["x"]}}, {}, "scheduler.params must be a JSON object"),
+    ({**ZERO3, "scheduler": "WarmupLR"}, {}, "scheduler must be a JSON object"),
 ]
 
 
@@ -78,6 +126,72 @@ BAD = [
 def test_bad_deepspeed_config_is_one_clear_line(cfg, overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
         validate(cfg, targs(**overrides))
+    assert "\n" not in str(info.value)
+
+
+def test_train_batch_size_is_checked_at_start_up_when_the_launcher_set_world_size(monkeypatch):
+    cfg = {**ZERO3, "train_batch_size": 8}
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    validate(cfg, targs())  # world unknown before the process group: engine_config checks it later
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    validate(cfg, targs())  # 2 x 4 = 8
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"train_batch_size=8 but micro batch 2 x 2 processes = 4") as info:
+        validate(cfg, targs())
+    assert "\n" not in str(info.value)
+
+
+def test_fp16_flag_without_fp16_block_trains_in_fp16():
+    """--fp16 true with a DeepSpeed JSON that has no fp16 block: the block counts as {"enabled": "auto"}, so
+    DeepSpeed gets fp16 enabled and LOMO gets a loss scaler (it used to train in fp32, silently)."""
+    from lomo_trainer.optimizer import LOMO
+
+    settings = validate(ZERO3, targs(fp16=True))
+    assert settings.fp16 and settings.fp16["initial_scale_power"] == 16
+    assert engine_config(ZERO3, targs(fp16=True), world_size=1)["fp16"] == {"enabled": True}
+    assert "fp16" not in engine_config(ZERO3, targs(), world_size=1)
+    assert LOMO(torch.nn.Linear(2, 2).half(), **settings.optimizer_kwargs()).loss_scaler is not None
+    # a block without "enabled" is "auto" too, and keeps its scaler settings
+    cfg = {**ZERO3, "fp16": {"initial_scale_power": 8}}
+    assert validate(cfg, targs(fp16=True)).fp16["initial_scale_power"] == 8
+    assert engine_config(cfg, targs(fp16=True), world_size=1)["fp16"] == {"enabled": True}
+    assert validate(cfg, targs()).fp16 is None
+    assert validate(ZERO3, targs(bf16=True)).bf16 and engine_config(ZERO3, targs(bf16=True), 1)["bf16"] == {"enabled": True}
+    assert validate(None, targs(fp16=True)).fp16, "without DeepSpeed too: the settings must be truthy"
+
+
+def test_fp16_on_a_device_deepspeed_refuses_stops_in_validate(monkeypatch):
+    fp16_support(monkeypatch, False)
+    cfg = {**ZERO3, "fp16": {"enabled": "auto"}}
+    with pytest.raises(ConfigError, match=r"fp16 is enabled but this device \(cpu\) has no fp16 support in DeepSpeed: "
+                                          r"use bf16 \(--bf16 true\) or fp32") as info:
+        validate(cfg, targs(fp16=True))
+    assert "\n" not in str(info.value)
+    validate(cfg, targs())  # fp16 off: no question asked
+    validate(None, targs(fp16=True))  # no DeepSpeed: its gate does not apply
+    fp16_support(monkeypatch, True)  # asked again at each call, never cached
+    assert validate(cfg, targs(fp16=True)).fp16
+
+
+def test_optimizer_seed_auto_takes_the_arguments_seed():
+    cfg = {**ZERO3, "optimizer": {"type": "LOMO", "params": {"seed": "auto"}}}
+    assert validate(cfg, targs(seed=7)).seed == 7
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"DeepSpeed config '.*ds.json' does not exist"),
+    ("", r"DeepSpeed config .*ds.json is empty: it must hold a JSON object"),
+    ("  \n", r"DeepSpeed config .*ds.json is empty"),
+    ('{"zero_optimization": {"stage": 3},\n "optimizer": }', r".*ds.json: invalid JSON at line 2 column"),
+    ("[1, 2]", r"DeepSpeed config .*ds.json must be a JSON object \{...\}, got a list"),
+    ("3", r"DeepSpeed config .*ds.json must be a JSON object \{...\}, got a number"),
+])
+def test_deepspeed_json_file_errors_name_the_file(tmp_path, content, message):
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_json(path)
     assert "\n" not in str(info.value)
 
 

@@ -272,3 +272,138 @@ def test_shipped_assets_tokenise(tok):
     assert ex["input_ids"][0] == tok.bos_token_id
     assert ex["labels"][-2:] == ex["input_ids"][-2:] and ex["input_ids"][-1] == tok.eos_token_id
     assert sum(label != -100 for label in ex["labels"]) == 2
+
+
+# ------------------------------------------------------------------ bad data: one line naming the file, line or row
+from types import SimpleNamespace  # noqa: E402
+
+from lomo_trainer.config import ConfigError  # noqa: E402
+from lomo_trainer.data import precheck_data  # noqa: E402
+
+GOOD = [{"prompt": f"review: good {i}", "completion": " positive"} for i in range(300)]
+
+
+def lines(rows):
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+def run_args(**kw):
+    base = dict(dataset_name=None, train_file=None, validation_file=None, max_length=32, max_train_samples=None,
+                max_eval_samples=None, validation_split=None, text_column="text", prompt_column="prompt",
+                completion_column="completion")
+    return SimpleNamespace(**{**base, **kw})
+
+
+def with_row(index, row):
+    rows = list(GOOD)
+    rows[index] = row
+    return rows
+
+
+NON_UTF8 = lines(GOOD[:3]).encode() + b'{"prompt": "caf\xe9", "completion": " positive"}\n'
+BAD_FILES = [  # (content, message at start-up (first 100 rows), message when loaded)
+    ("", r"train_file='.*train.jsonl' is empty: it needs at least one example", None),
+    ("\n\n", r"train.jsonl' is empty", None),
+    (lines(with_row(40, '{"prompt": "review: x", "completion": ')), r"train.jsonl' line 41: invalid JSON "
+     r"\(Expecting value at column 38\): each line must be one JSON object", None),
+    (lines(with_row(250, '{"prompt": "review: x", "completion": ')), None, r"train.jsonl' line 251: invalid JSON"),
+    (lines(with_row(40, {"prompt": "review: x"})), r"train.jsonl' line 41: no 'completion' \(fields: \['prompt'\]\): "
+     r"every row needs 'prompt' and 'completion'", r"train.jsonl' row 41: no 'completion' \(missing or null\)"),
+    (lines(with_row(250, {"prompt": "review: x"})), None, r"train.jsonl' row 251: no 'completion' \(missing or null\)"),
+    (lines(with_row(40, {"prompt": "review: x", "completion": 3})), r"train.jsonl' line 41: 'completion' holds a "
+     r"int, not text: write it as a JSON string", r"train.jsonl' row 41: column 'completion' holds a int, not text"),
+    (lines(with_row(250, {"prompt": "review: x", "completion": 3})), None,
+     r"train.jsonl' row 251: column 'completion' holds a int, not text"),
+    (NON_UTF8, r"train.jsonl' is not UTF-8: byte %d \(line 4\) cannot be decoded; re-encode the file as UTF-8"
+     % (len(lines(GOOD[:3]).encode()) + 15), None),
+    (lines(with_row(250, "[1, 2]")), None, r"train.jsonl' line 251: a JSON list, not an object"),
+]
+
+
+@pytest.mark.parametrize("content, at_start, at_load", BAD_FILES)
+def test_bad_data_files_are_one_line(tok, tmp_path, content, at_start, at_load):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    if at_start:
+        with pytest.raises(ConfigError, match=at_start) as info:
+            precheck_data(run_args(train_file=str(path)))
+        assert "\n" not in str(info.value)
+    else:
+        precheck_data(run_args(train_file=str(path)))  # only the first rows are read before the process group
+    with pytest.raises(ConfigError, match=at_load or at_start) as info:
+        build_datasets(tok, train_file=str(path))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_length=-1), r"max_length must be an integer >= 2 \(tokens per example\), got -1"),
+    (dict(max_length=8.5), r"max_length must be an integer >= 2"),
+    (dict(), r"no training data: set dataset_name"),
+    (dict(train_file="TRAIN", validation_file="VAL"), r"validation_file='.*val.jsonl' line 1: no 'completion'"),
+    (dict(train_file="TRAIN", completion_column="answer"), r"train_file='.*' has no column 'answer'"),
+    (dict(train_file="CSV", completion_column="answer"), r"train_file='.*train.csv' has no column 'answer'"),
+])
+def test_precheck_data(tmp_path, kw, match):
+    files = {"TRAIN": ("train.jsonl", lines(GOOD[:2])), "VAL": ("val.jsonl", lines([{"prompt": "x", "label": 1}])),
+             "CSV": ("train.csv", "prompt,completion\nreview: good, positive\n")}
+    for key, value in kw.items():
+        if value in files:
+            name, text = files[value]
+            (tmp_path / name).write_text(text)
+            kw[key] = str(tmp_path / name)
+    with pytest.raises(ConfigError, match=match) as info:
+        precheck_data(run_args(**kw))
+    assert "\n" not in str(info.value)
+    precheck_data(run_args(train_file=str(SENTIMENT / "train.jsonl"), validation_file=str(SENTIMENT / "validation.jsonl")))
+
+
+class SpyTokenizer:
+    """The tiny tokenizer, recording the longest text it was given."""
+
+    def __init__(self, tok):
+        self.tok, self.longest = tok, 0
+
+    def __call__(self, texts, **kw):
+        self.longest = max([self.longest] + [len(t) for t in texts])
+        return self.tok(texts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_a_huge_row_is_cut_before_tokenising_and_truncates_exactly(tok, tmp_path):
+    """A 4 MB row used to be tokenised whole (a 40 MB one took 40 s and 4.5 GB per rank)."""
+    rows = [{"prompt": "review: " + "good " * 800_000 + "bad sentiment:", "completion": " negative"},
+            {"prompt": "review: fun", "completion": " the" + " film" * 800_000},
+            {"text": None, "prompt": "review: fun", "completion": " positive"}]
+    rows[2].pop("text")
+    spy = SpyTokenizer(tok)
+    train = build(spy, tmp_path, rows, max_length=8)["train"]
+    assert spy.longest <= 8 * 32, "the tokenizer saw a text longer than the cap"
+    completion = ids(tok, "negative", tok.eos_token)
+    assert train[0]["input_ids"] == ids(tok, "good", "good", "good", "bad", "sentiment", ":") + completion
+    assert train[0]["labels"] == [-100] * 6 + completion
+    assert train[1]["input_ids"] == ids(tok, "fun", "the") + ids(tok, "film") * 6
+    assert train[2]["input_ids"] == ids(tok, tok.bos_token, "review", ":", "fun", "positive", tok.eos_token)
+
+
+def test_capped_tokenising_equals_whole_tokenising_with_long_tokens(tok):
+    """Where the cut leaves too few tokens (tokens far longer than 32 characters), it is widened: same ids as
+    tokenising the whole text, in the part truncation keeps."""
+    from lomo_trainer.data import _assemble, _tokenize_capped
+
+    long_word = "x" * 300  # one (unknown) token per 300 characters
+    texts = [" ".join([long_word] * 50) + " good", "good " + " ".join([long_word] * 50), "good bad " * 3]
+    for keep_end in (True, False):
+        capped = _tokenize_capped(tok, texts, 4, keep_end=keep_end, add_special_tokens=True)
+        whole = tok(texts, add_special_tokens=True)["input_ids"]
+        if keep_end:
+            assert [c[-4:] for c in capped] == [w[-4:] for w in whole]
+        else:
+            assert [c[:4] for c in capped] == [w[:4] for w in whole]
+    pairs = lambda p, c: list(zip(p, c))  # noqa: E731
+    full = tok(texts, add_special_tokens=True)["input_ids"]
+    capped_p = _tokenize_capped(tok, texts, 4, keep_end=True, add_special_tokens=True)
+    capped_c = _tokenize_capped(tok, texts, 4, keep_end=False, add_special_tokens=False)
+    full_c = tok(texts, add_special_tokens=False)["input_ids"]
+    assert _assemble(pairs(capped_p, capped_c), 4) == _assemble(pairs(full, full_c), 4)
