@@ -44,6 +44,8 @@ class RunArguments:
     max_eval_samples: int | None = None
     eval_choices: list[str] | None = field(default=None, metadata={
         "help": "completions to rank by log-likelihood on the validation prompts after training: reports accuracy"})
+    max_consecutive_skips: int = field(default=5, metadata={
+        "help": "stop the run after this many steps in a row skipped for a non-finite loss or gradient"})
     lomo_config: str | None = field(default=None, metadata={
         "help": "JSON object of LOMO params for runs without a DeepSpeed config (keys of optimizer.params)"})
 
@@ -287,7 +289,7 @@ def _train(run: RunArguments, targs_kwargs: dict, lomo_config) -> int:
     from transformers import AutoTokenizer, TrainingArguments, set_seed
 
     from .data import CausalLMCollator, build_datasets
-    from .trainer import LOMOTrainer
+    from .trainer import LOMOTrainer, TrainingDiverged
 
     _single_process_env()
     args = TrainingArguments(**targs_kwargs)  # before the model: keeps DeepSpeed's zero.Init config alive
@@ -302,9 +304,13 @@ def _train(run: RunArguments, targs_kwargs: dict, lomo_config) -> int:
     model = build_model(run, args)
     trainer = LOMOTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                           data_collator=CausalLMCollator(tokenizer), processing_class=tokenizer,
-                          lomo_config=lomo_config)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
-    trainer.save_model()
+                          lomo_config=lomo_config, max_consecutive_skips=run.max_consecutive_skips)
+    try:
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+        trainer.save_model()
+    except TrainingDiverged as e:  # nothing non-finite was saved; checkpoints written before stay
+        print(f"lomo-train: error: {e}", file=sys.stderr)
+        return 1
     if run.eval_choices:
         accuracy = choice_accuracy(trainer, tokenizer, run)
         trainer.log({"eval_choice_accuracy": accuracy})

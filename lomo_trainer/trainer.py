@@ -102,7 +102,7 @@ class LOMOTrainer(Trainer):
             self.optimizer = LOMO(engine, **s.optimizer_kwargs())
             model = engine
         else:
-            if s.fp16:  # no fp32 master copy: weights live in the training dtype, as under DeepSpeed
+            if s.fp16 is not None:  # no fp32 master copy: weights live in the training dtype, as under DeepSpeed
                 self.model.half()
             elif s.bf16:
                 self.model.to(torch.bfloat16)
