@@ -15,6 +15,7 @@ previous one. SIGTERM saves a checkpoint at the end of the current step, then ex
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerState
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import SaveStrategy, TrainOutput, speed_metrics
 
 from . import _hf, _zero, checkpoint
 from .checkpoint import LOMO_STATE, PREFIX as CKPT_PREFIX, SCHEDULER, TRAINER_STATE, last_checkpoint  # noqa: F401
@@ -119,11 +120,12 @@ class LOMOTrainer(Trainer):
     # ------------------------------------------------------------------ one step
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One fused LOMO step on one batch: forward (twice with global-norm clipping or fp16), backward with
-        the update inside, nothing left to step afterwards. Returns the detached loss."""
+        the update inside, nothing left to step afterwards. Returns the detached loss. ``num_items_in_batch``
+        (the label tokens of the global batch) makes the loss the global token mean, as in the stock Trainer."""
         module = self.model  # forward through the bare module: ZeRO-3's gather hooks live on it
         module.train()
         inputs = self._prepare_inputs(inputs)
-        loss = self.optimizer.step(lambda: self.compute_loss(module, inputs))
+        loss = self.optimizer.step(lambda: self.compute_loss(module, inputs, num_items_in_batch=num_items_in_batch))
         mask = inputs.get("attention_mask")
         tokens = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
         self._tokens = tokens if self._tokens is None else self._tokens + tokens
@@ -134,9 +136,6 @@ class LOMOTrainer(Trainer):
         if trial is not None:
             raise ConfigError("hyperparameter search is not supported by LOMOTrainer")
         args = self.args
-        if args.load_best_model_at_end:
-            raise ConfigError("load_best_model_at_end is not supported by LOMOTrainer: set it to false and pick a "
-                              "checkpoint-N folder (each is a from_pretrained folder)")
         resume_from_checkpoint = checkpoint.resolve(resume_from_checkpoint, args.output_dir)
         if args.should_save and os.path.isdir(args.output_dir):
             for path in checkpoint.remove_unfinished(args.output_dir):
@@ -172,7 +171,10 @@ class LOMOTrainer(Trainer):
                     f"resuming at step {start_step}" if start_step else f"LOMO training: {max_steps} steps")
         tr_loss = torch.zeros((), device=args.device)
         self._loss_since_log, self._steps_since_log, self._log_time = tr_loss.clone(), 0, time.time()
+        self._ignore_keys_for_eval = ignore_keys_for_eval
         start = time.time()
+        if args.eval_on_start:
+            self._evaluate(None, ignore_keys_for_eval, skip_scheduler=True)
         previous = _install_sigterm(self._on_sigterm)
         try:
             for epoch in range(epoch0, num_epochs if start_step < max_steps else 0):
@@ -183,9 +185,16 @@ class LOMOTrainer(Trainer):
                     from accelerate import skip_first_batches
                     batches = skip_first_batches(train_dl, skip)
                 self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
-                for i, inputs in enumerate(batches, start=skip if epoch == epoch0 else 0):
+                iterator = iter(batches)
+                for i in itertools.count(skip if epoch == epoch0 else 0):
+                    # the stock Trainer's batch fetch: it also counts the global batch's label tokens
+                    samples, num_items = self.get_batch_samples(iterator, 1, args.device)
+                    if not samples:
+                        break
+                    inputs = samples[0]
                     self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-                    loss = self.training_step(model, inputs)
+                    loss = self.training_step(model, inputs, num_items)
+                    self.current_flos += float(self.floating_point_ops(inputs))
                     skipped = self.optimizer.last_step_skipped
                     if not skipped:  # a skipped step (fp16 overflow, non-finite loss) is not counted in the loss
                         tr_loss += loss
@@ -217,20 +226,28 @@ class LOMOTrainer(Trainer):
         if dist.is_initialized():
             dist.all_reduce(tr_loss)
             tr_loss /= dist.get_world_size()
-        metrics = {"train_runtime": round(time.time() - start, 4), "train_loss": tr_loss.item() / steps_run,
-                   "train_steps_per_second": round(steps_run / (time.time() - start), 3)}
+        samples = self.state.max_steps * self._global_batch() * (self.state.global_step - start_step) / max_steps
+        metrics = speed_metrics("train", start, num_samples=samples, num_steps=self.state.global_step - start_step)
+        self.store_flos()
+        metrics["total_flos"] = self.state.total_flos
+        metrics["train_loss"] = tr_loss.item() / steps_run
         self.is_in_train = False
         self.log(metrics)
+        if args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            logger.info(f"loading the best model from {self.state.best_model_checkpoint} "
+                        f"({args.metric_for_best_model} = {self.state.best_metric})")
+            self._load_weights(self.state.best_model_checkpoint)
+            _zero.refresh_partitions(self.deepspeed)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
     def _enable_activation_checkpointing(self) -> None:
         """What the stock Trainer.train does before its loop (transformers 5.2x renamed gradient_ to activation_)."""
         args, model = self.args, self.model
-        if not (getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False)):
+        new = hasattr(args, "activation_checkpointing")  # read only the current name: the old one warns
+        if not (args.activation_checkpointing if new else args.gradient_checkpointing):
             return
-        kwargs = dict(getattr(args, "activation_checkpointing_kwargs", None)
-                      or getattr(args, "gradient_checkpointing_kwargs", None) or {})
+        kwargs = dict((args.activation_checkpointing_kwargs if new else args.gradient_checkpointing_kwargs) or {})
         kwargs.setdefault("use_reentrant", False)  # the variant LOMO's tests cover; reentrant also works
         extra = {k: kwargs.pop(k) for k in ("every_n_layers", "offload") if k in kwargs}
         if hasattr(model, "activation_checkpointing_enable"):
@@ -269,10 +286,15 @@ class LOMOTrainer(Trainer):
         return self._stop_signal
 
     def _log_evaluate_save(self) -> None:
+        """As the stock Trainer's log/evaluate/save: the best metric is tracked, ``save_strategy="best"`` saves
+        on a new best, callbacks (early stopping) see the metrics."""
         if self.control.should_log and self._steps_since_log:
             self.log(self._step_metrics())
         if self.control.should_evaluate:
-            self.evaluate()
+            metrics = self._evaluate(None, self._ignore_keys_for_eval)
+            new_best = self._determine_best_metric(metrics=metrics, trial=None)
+            if self.args.save_strategy == SaveStrategy.BEST:
+                self.control.should_save = new_best
             self.model.train()
         if self.control.should_save:
             self._save_checkpoint(self.model, trial=None)
@@ -300,6 +322,31 @@ class LOMOTrainer(Trainer):
         self._loss_since_log.zero_()
         self._steps_since_log, self._tokens, self._log_time = 0, None, time.time()
         return logs
+
+    def create_model_card(self, *args, **kwargs):
+        """The stock model card, naming the optimizer that ran (the stock one names ``args.optim``, AdamW)."""
+        history = self.state.log_history
+        # evaluate() without DeepSpeed adds a timing key that engine evaluations lack: the card's table
+        # needs the same keys in every row
+        self.state.log_history = [{k: v for k, v in h.items() if k != "eval_model_preparation_time"} for h in history]
+        try:
+            super().create_model_card(*args, **kwargs)
+        finally:
+            self.state.log_history = history
+        path = os.path.join(self.args.output_dir, "README.md")
+        if self.is_world_process_zero() and os.path.isfile(path):
+            with open(path) as f:
+                lines = f.read().split("\n")
+            s = self.lomo_settings
+            text = (f"- optimizer: LOMO (SGD fused into backward, lomo_trainer), weight_decay={s.weight_decay}, "
+                    f"clip_grad_norm={s.clip_grad_norm} ({s.clip_mode}), clip_grad_value={s.clip_grad_value}")
+            start = next((i for i, line in enumerate(lines) if line.startswith("- optimizer:")), None)
+            if start is not None:  # the stock entry may run over several lines (its optimizer args)
+                end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("- ") or not lines[j]),
+                           len(lines))
+                lines[start:end] = [text]
+            with open(path, "w") as f:
+                f.write("\n".join(lines))
 
     # ------------------------------------------------------------------ saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -340,6 +387,10 @@ class LOMOTrainer(Trainer):
         self.save_model(tmp, _internal_call=True)
         checkpoint.save_state({"optimizer": self.optimizer.state_dict(), "rng": checkpoint.rng_states()},
                               os.path.join(tmp, LOMO_STATE.format(_rank())))
+        best = os.path.join(self.args.output_dir, f"{CKPT_PREFIX}{self.state.best_global_step}")
+        if self.args.metric_for_best_model and self.state.best_global_step and \
+                (self.state.best_global_step == self.state.global_step or os.path.isdir(best)):
+            self.state.best_model_checkpoint = best  # as the stock Trainer records it, before the state is saved
         if self.args.should_save:
             checkpoint.save_state(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER))
             self.state.save_to_json(os.path.join(tmp, TRAINER_STATE))
@@ -359,7 +410,13 @@ class LOMOTrainer(Trainer):
         limit = self.args.save_total_limit
         if not limit:
             return
-        for path in checkpoint.list_checkpoints(self.args.output_dir)[:-limit]:
+        found = checkpoint.list_checkpoints(self.args.output_dir)
+        best = self.state.best_model_checkpoint
+        if best in found:  # the best counts as the newest, so it is never rotated out (as in the stock Trainer)
+            found.remove(best)
+            found.append(best)
+            limit = max(limit, 2)  # and the newest stays too, for resuming
+        for path in found[:-limit]:
             shutil.rmtree(path, ignore_errors=True)
 
     def _global_batch(self) -> int:
