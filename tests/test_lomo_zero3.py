@@ -9,7 +9,7 @@ import torch
 
 from distributed import run_ranks
 from lomo_trainer import LOMO
-from models import VOCAB, OddLM, batch, reference_sgd, tiny_llama
+from models import VOCAB, OddLM, allow_cpu_fp16, batch, reference_sgd, tiny_llama
 
 STEPS = 3
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
@@ -159,6 +159,8 @@ def test_zero3_overlap_comm_is_exact_and_keeps_one_reduction_in_flight():
 
 
 def train_zero3_half(rank, world, dtype_key, opts):
+    if dtype_key == "fp16":
+        allow_cpu_fp16()
     model, vocab = build("llama")
     cfg = dict(DS_CONFIG, **{dtype_key: {"enabled": True}})
     engine, *_ = deepspeed.initialize(model=model, config=cfg)
