@@ -26,14 +26,15 @@ def build(kind: str, checkpointing: bool = False):
     return OddLM(checkpointing=checkpointing), 97
 
 
-def train_zero3(rank, world, kind, opts, checkpointing=False, via_engine=False, steps=STEPS, chunk=None):
+def train_zero3(rank, world, kind, opts, checkpointing=False, via_engine=False, steps=STEPS, chunk=None, zero=None):
     if chunk is not None:  # forked rank: the parent keeps the default
         import lomo_trainer.optimizer
 
         lomo_trainer.optimizer.UPDATE_CHUNK = chunk
     model, vocab = build(kind, checkpointing)
     n_params = len(list(model.parameters()))
-    engine, *_ = deepspeed.initialize(model=model, config=DS_CONFIG)
+    cfg = dict(DS_CONFIG, zero_optimization={"stage": 3, **(zero or {})})
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
     opt = LOMO(engine, **opts)
     forward = engine if via_engine else engine.module
     losses = []
