@@ -216,7 +216,8 @@ class LOMO(torch.optim.Optimizer):
             if phase == "norm":
                 self._norm_sq = torch.zeros((), dtype=torch.float32, device=loss.device)
             with _zero.backward_allowed(self.engine):
-                # in fp32: a custom fp16 loss times 2^16 would overflow before backward starts
+                # The product in fp32 keeps the scaled loss finite. It cannot save an fp16 loss at scale 2^16:
+                # that loss's own gradient is the scale, cast to fp16 (inf). Return the loss in fp32.
                 (loss.float() * scale if scale != 1.0 else loss).backward()
             self._drain()  # the last parameter's reduction
         finally:  # also after an exception in the closure: later backward passes must not see a stale phase
