@@ -73,7 +73,8 @@ class LOMO(torch.optim.Optimizer):
             global clipping never does.
         clip_grad_value: clamp every gradient element to ``[-v, v]`` (one pass).
         fp16: a ``DynamicLossScaler``, a DeepSpeed-style ``fp16`` dict, or True for defaults. Enables loss
-            scaling; a step whose gradients overflow changes no parameter and lowers the scale.
+            scaling; a step whose gradients overflow changes no parameter and lowers the scale. Without fp16
+            no scaler exists, and a skipped step touches none.
         stochastic_rounding: for bf16 parameters, round the fp32 update result stochastically on
             write-back so that updates under one bf16 ulp are not lost.
         seed: seed of the stochastic-rounding generator (offset by rank).
@@ -81,6 +82,11 @@ class LOMO(torch.optim.Optimizer):
             gradient is ready, so communication overlaps backward at the cost of one more gradient alive.
             Default: the engine's ``zero_optimization.overlap_comm`` (DeepSpeed's default for stage 3 is
             true); True for a plain module on several ranks. Never used on one rank (nothing to overlap).
+
+    Attributes read by the trainer: ``global_step`` (steps that updated), ``skipped_steps`` (steps skipped
+    for a non-finite loss or gradient, in any precision; saved in ``state_dict``), ``last_step_skipped``
+    (the step just taken changed nothing), ``update_overflows`` (the part of ``skipped_steps`` found in an
+    update pass, counted at the next step), ``grad_norm``, ``loss_scale``.
     """
 
     def __init__(self, model, params: Iterable | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
