@@ -137,19 +137,36 @@ def after_backward(engine) -> None:
 
 
 def refresh_partitions(engine) -> None:
-    """Make the next forward see the updated shards.
+    """Make the next forward see the updated shards. Call it after the last shard write of a step.
 
-    Parameters under ``stage3_param_persistence_threshold`` (every norm weight of a LLaMA), and the
-    first module once the trace is complete, stay gathered between steps; their gathered copies hold
-    the pre-update values. Re-partition everything (dropping the stale gathered copies) and re-gather
-    the persistent ones, as DeepSpeed's own ZeRO-3 optimizer does around its step."""
+    - DeepSpeed all-gathers ``ds_tensor`` on its own stream, which nothing orders after LOMO's writes on the
+      compute stream: that stream waits for the current one here (on CPU there are no streams: a no-op).
+    - Parameters under ``stage3_param_persistence_threshold`` (every norm weight of a LLaMA), and the first
+      module once the trace is complete, stay gathered between steps with pre-update values: re-partition
+      everything. The persistent ones are not re-gathered here (DeepSpeed's synchronous ``all_gather``
+      synchronises the whole device): the next forward gathers them asynchronously, as it gathers any
+      partitioned parameter, and they stay gathered from then on.
+    - ZeRO++ hpZ keeps a secondary copy of each shard that gathers prefer, rebuilt from the gathered (here:
+      pre-update) values whenever a parameter is released; like DeepSpeed's own optimizer after its step,
+      drop them all once everything is released, so the next gather reads the updated primary shards.
+    No host or device synchronisation."""
     if engine is None:
         return
     offload = offload_of(engine)
+    stream = _allgather_stream(offload)
+    if stream is not None:
+        from deepspeed.accelerator import get_accelerator
+
+        stream.wait_stream(get_accelerator().current_stream())
     offload.partition_all_parameters()
-    persistent = offload.persistent_parameters
-    if persistent:
-        persistent[0].all_gather(persistent)
+    for p in engine.module.parameters():  # after re-partitioning: releasing a gathered copy rebuilds its secondary
+        if getattr(p, "ds_secondary_tensor", None) is not None:
+            p.ds_secondary_tensor = None
+
+
+def _allgather_stream(offload):
+    """The stream the parameter coordinator gathers on (None on CPU, where DeepSpeed makes none)."""
+    return getattr(offload.get_param_coordinator(), "_PartitionedParameterCoordinator__allgather_stream", None)
 
 
 def consolidated_state_dict(engine) -> dict:

@@ -10,8 +10,11 @@ from dataclasses import asdict, dataclass
 
 @dataclass
 class DynamicLossScaler:
-    """Halve the scale on overflow (after ``hysteresis`` overflows in a row), double it after
-    ``loss_scale_window`` clean steps in a row, never go below ``min_loss_scale``.
+    """Halve the scale on overflow (after ``hysteresis`` overflows in a row), never below
+    ``min_loss_scale``; double it every ``loss_scale_window`` clean steps, counted as DeepSpeed's
+    ``DynamicLossScaler`` counts them: the first doubling after the start or an overflow comes on the
+    ``window + 1``-th clean step (its stable interval starts at the step after the overflow), later ones
+    every ``window`` steps. Tested step by step against DeepSpeed's class.
 
     Field names follow DeepSpeed's ``fp16`` JSON block. ``loss_scale > 0`` means a static scale.
     """
@@ -31,7 +34,7 @@ class DynamicLossScaler:
         if self.min_loss_scale <= 0:
             raise ValueError(f"fp16.min_loss_scale must be > 0, got {self.min_loss_scale}")
         self.scale = float(self.loss_scale) if self.loss_scale > 0 else 2.0 ** self.initial_scale_power
-        self.clean_steps = 0  # clean steps since the last overflow or growth
+        self.clean_steps = 0  # clean steps since the start or the last overflow
         self.hysteresis_left = self.hysteresis
         self.overflows = 0
 
@@ -58,11 +61,12 @@ class DynamicLossScaler:
             return
         if self.consecutive_hysteresis:
             self.hysteresis_left = self.hysteresis
-        self.clean_steps += 1
-        if self.dynamic and self.clean_steps >= self.loss_scale_window:
+        # DeepSpeed: stable_interval = clean steps before this one since the overflow; grow when it is a
+        # positive multiple of the window
+        if self.dynamic and self.clean_steps and self.clean_steps % self.loss_scale_window == 0:
             self.scale *= 2.0
-            self.clean_steps = 0
             self.hysteresis_left = self.hysteresis
+        self.clean_steps += 1
 
     def state_dict(self) -> dict:
         return {"config": asdict(self), "scale": self.scale, "clean_steps": self.clean_steps,

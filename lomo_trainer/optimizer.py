@@ -19,6 +19,22 @@ There is no ``zero_grad``/``backward``/``step`` sequence: ``backward`` is the up
 clipping (and with fp16, whose overflow check must precede every update) the closure is called twice:
 the first backward only measures the norm, the second updates. Both passes see the same RNG state,
 so dropout masks agree.
+
+Non-finite values never reach the weights, in any precision:
+- a step whose norm pass finds a non-finite gradient, or whose loss is non-finite on any rank, changes
+  nothing (in the one-pass modes the loss is checked before backward, which is the update);
+- the update pass can still overflow where the norm pass did not (the two passes are not bit-identical
+  on GPU, and the fp16 scale lives at the overflow edge): each update slice whose result is not finite
+  in the weight's dtype is left as it was, and a device-side flag counts it. The flag is read at the next
+  step's host sync, which then counts the step as skipped and lowers the fp16 scale.
+Every skip adds one to ``skipped_steps``; ``last_step_skipped`` says whether the step just taken changed
+nothing.
+
+Host synchronisations: exactly one per step, in every mode: the ``.item()``-like read of a few
+all-reduced numbers (global norm, loss finiteness, the previous update pass's flag) after the norm pass,
+or after the forward in the one-pass modes. None per parameter, except with ``offload_param``, where each
+reduced gradient slice is copied to the host for the host-side update (the host waits for that copy).
+``_zero.refresh_partitions`` does not synchronise.
 """
 from __future__ import annotations
 
@@ -57,7 +73,8 @@ class LOMO(torch.optim.Optimizer):
             global clipping never does.
         clip_grad_value: clamp every gradient element to ``[-v, v]`` (one pass).
         fp16: a ``DynamicLossScaler``, a DeepSpeed-style ``fp16`` dict, or True for defaults. Enables loss
-            scaling; a step whose gradients overflow changes no parameter and lowers the scale.
+            scaling; a step whose gradients overflow changes no parameter and lowers the scale. Without fp16
+            no scaler exists, and a skipped step touches none.
         stochastic_rounding: for bf16 parameters, round the fp32 update result stochastically on
             write-back so that updates under one bf16 ulp are not lost.
         seed: seed of the stochastic-rounding generator (offset by rank).
@@ -65,6 +82,11 @@ class LOMO(torch.optim.Optimizer):
             gradient is ready, so communication overlaps backward at the cost of one more gradient alive.
             Default: the engine's ``zero_optimization.overlap_comm`` (DeepSpeed's default for stage 3 is
             true); True for a plain module on several ranks. Never used on one rank (nothing to overlap).
+
+    Attributes read by the trainer: ``global_step`` (steps that updated), ``skipped_steps`` (steps skipped
+    for a non-finite loss or gradient, in any precision; saved in ``state_dict``), ``last_step_skipped``
+    (the step just taken changed nothing), ``update_overflows`` (the part of ``skipped_steps`` found in an
+    update pass, counted at the next step), ``grad_norm``, ``loss_scale``.
     """
 
     def __init__(self, model, params: Iterable | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -109,8 +131,11 @@ class LOMO(torch.optim.Optimizer):
 
         self.global_step = 0        # steps that updated the parameters
         self.grad_norm: float | None = None  # global norm of the last step, when it was measured
-        self.last_step_skipped = False
-        self.skipped_steps = 0      # steps that changed nothing (non-finite loss or gradient), in every precision
+        self.last_step_skipped = False  # the step just taken changed no parameter
+        self.skipped_steps = 0      # steps skipped for a non-finite value, in any precision (see the module doc)
+        self.update_overflows = 0   # of those, update passes found (one step late) to have left slices unwritten
+        self._update_flags: dict[torch.device, torch.Tensor] = {}  # unwritten update slices, by weight device
+        self._carried_update_flags = 0  # from a loaded state, not yet reported
         self._phase: str | None = None
         self._norm_sq: torch.Tensor | None = None
         self._clip_coef = 1.0
@@ -118,9 +143,10 @@ class LOMO(torch.optim.Optimizer):
         self.hook_calls = 0         # hooks fired in the last backward pass
         self._checked = False
         self._world = 1
+        self._rank = 0
         self.overlap_comm = overlap_comm
         self._overlap = False       # resolved at the first step (needs the engine and the process group)
-        self._pending = None        # (param, work, finish, world) of the reduction in flight
+        self._pending = None        # (param, work, finish) of the reduction in flight
 
         self._index_groups()
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._group_of]
@@ -163,29 +189,25 @@ class LOMO(torch.optim.Optimizer):
         if self.needs_norm_pass:
             rng = _rng_state()
             loss = self._run_pass("norm", closure, scale)
-            norm_sq = self._norm_sq
-            if self.engine is not None and dist.is_initialized():
-                dist.all_reduce(norm_sq)  # each rank summed the squares of its own shards
-            norm_sq = norm_sq.item()  # the one host sync of a step
-            if not math.isfinite(norm_sq):  # overflow (fp16) or a diverged loss: change nothing
-                if self.loss_scaler is not None:
-                    self.loss_scaler.update(True)
-                self.last_step_skipped = True
-                self.skipped_steps += 1
-                return loss.detach()
+            norm_sq = self._sync(loss, self._norm_sq)
+            if norm_sq is None:  # overflow (fp16) or a diverged loss: change nothing
+                return self._skip(loss)
             self.grad_norm = math.sqrt(norm_sq)
             if self.clip_grad_norm is not None and self.clip_mode == "global":
                 self._clip_coef = min(1.0, self.clip_grad_norm / (self.grad_norm + 1e-6))
             _set_rng_state(rng)  # the update pass sees the same dropout masks as the norm pass
-
-        loss = self._run_pass("update", closure, scale)
+            loss = self._run_pass("update", closure, scale)
+        else:
+            loss = self._run_pass("update", closure, scale, gate=True)
+            if self.last_step_skipped:
+                return loss.detach()
         _zero.refresh_partitions(self.engine)
         if self.loss_scaler is not None:
             self.loss_scaler.update(False)
         self.global_step += 1
         return loss.detach()
 
-    def _run_pass(self, phase: str, closure, scale: float) -> torch.Tensor:
+    def _run_pass(self, phase: str, closure, scale: float, gate: bool = False) -> torch.Tensor:
         self._phase = "closure"
         self.hook_calls = 0
         try:
@@ -193,11 +215,16 @@ class LOMO(torch.optim.Optimizer):
                 loss = closure()
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise RuntimeError("the LOMO closure must return the scalar loss tensor")
+            if gate and self._sync(loss) is None:  # one pass: the backward is the update, so check first
+                self._skip(loss)
+                return loss
             self._phase = phase
             if phase == "norm":
                 self._norm_sq = torch.zeros((), dtype=torch.float32, device=loss.device)
             with _zero.backward_allowed(self.engine):
-                (loss * scale if scale != 1.0 else loss).backward()
+                # The product in fp32 keeps the scaled loss finite. It cannot save an fp16 loss at scale 2^16:
+                # that loss's own gradient is the scale, cast to fp16 (inf). Return the loss in fp32.
+                (loss.float() * scale if scale != 1.0 else loss).backward()
             self._drain()  # the last parameter's reduction
         finally:  # also after an exception in the closure: later backward passes must not see a stale phase
             self._phase = None
@@ -205,11 +232,55 @@ class LOMO(torch.optim.Optimizer):
         _zero.after_backward(self.engine)
         return loss
 
+    def _sync(self, loss: torch.Tensor, norm_sq: torch.Tensor | None = None) -> float | None:
+        """The step's one host sync: sum over ranks [squared norm, non-finite losses, update slices the
+        previous update pass left unwritten] and read them. Returns the squared global norm (0.0 when none
+        was measured), or None when the step must be skipped."""
+        dev = loss.device
+        if norm_sq is None or (self.engine is None and self._rank != 0):
+            norm_sq = torch.zeros((), device=dev)  # replicas of a plain module hold the same norm: count it once
+        vec = torch.stack([norm_sq.float(), (~torch.isfinite(loss.detach())).float(), self._take_update_flags(dev)])
+        if self._world > 1:
+            dist.all_reduce(vec)
+        norm_sq, bad_losses, unwritten = vec.tolist()  # the one host sync of a step
+        if unwritten:  # the previous step's update pass overflowed somewhere: count it, lower the scale
+            self.update_overflows += 1
+            self.skipped_steps += 1
+            if self.loss_scaler is not None:
+                self.loss_scaler.update(True)
+        if bad_losses or not math.isfinite(norm_sq):
+            return None
+        return norm_sq
+
+    def _skip(self, loss: torch.Tensor) -> torch.Tensor:
+        self.last_step_skipped = True
+        self.skipped_steps += 1
+        if self.loss_scaler is not None:  # only fp16 has a scaler to lower
+            self.loss_scaler.update(True)
+        return loss.detach()
+
+    def _take_update_flags(self, device: torch.device) -> torch.Tensor:
+        """The unwritten-slice count since the last read, on ``device``, and reset (stream order makes the
+        read precede the reset on one device; a host flag is copied synchronously)."""
+        total = torch.full((), float(self._carried_update_flags), device=device)
+        self._carried_update_flags = 0
+        for flag in self._update_flags.values():
+            total = total + flag.to(device)
+            flag.zero_()
+        return total
+
+    def _update_flag(self, device: torch.device) -> torch.Tensor:
+        flag = self._update_flags.get(device)
+        if flag is None:
+            flag = self._update_flags[device] = torch.zeros((), dtype=torch.float32, device=device)
+        return flag
+
     def _check_binding(self) -> None:
         if self.engine is None and any(_zero.is_zero3_param(p) for p in self._group_of):
             raise RuntimeError("the model's parameters are ZeRO-3 partitioned but LOMO has no engine: "
                                "call optimizer.attach_engine(engine) after deepspeed.initialize")
         self._world = dist.get_world_size() if dist.is_initialized() else 1
+        self._rank = dist.get_rank() if dist.is_initialized() else 0
         overlap = self.overlap_comm
         if overlap is None:
             overlap = bool(self.engine.zero_overlap_comm()) if self.engine is not None else True
@@ -225,70 +296,106 @@ class LOMO(torch.optim.Optimizer):
             raise RuntimeError("the LOMO closure must not call backward(): return the loss, LOMO runs backward itself")
         self.hook_calls += 1
         grad, p.grad = p.grad, None
-        overlap = self._overlap
-        if _zero.is_zero3_param(p):
-            work, finish = _zero.reduce_to_shard(p, grad, async_op=overlap)
-            world = _zero.group_world_size(p)
-        else:
-            world = self._world
-            # replicas must apply the same averaged gradient, never drift apart
-            work = dist.all_reduce(grad, async_op=overlap) if world > 1 else None
-            finish = lambda g=grad, w=p.data: (g, w)  # noqa: E731
+        # With overlap the previous parameter's reduction ran while backward went on; it is received (and its
+        # per-parameter norm all-reduce launched) before this parameter's reduce-scatter, so that small
+        # collective never queues behind a big one on the group's one NCCL stream. At most one reduction
+        # (one more gradient) is in flight.
+        ready = self._receive(self._pending) if self._pending is not None else None
+        self._pending = self._launch(p, grad)
         del grad
-        # With overlap the collective runs while backward goes on; the previous parameter's update is applied
-        # now, so at most one reduction (one more gradient) is in flight.
-        pending, self._pending = self._pending, (p, work, finish, world)
-        if pending is not None:
-            self._apply(*pending)
-        if not overlap:
+        if ready is not None:
+            self._apply(*ready)
+        if not self._overlap:
             self._drain()
 
     def _drain(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
-            self._apply(*pending)
+            self._apply(*self._receive(pending))
 
-    def _apply(self, p: nn.Parameter, work, finish, world: int) -> None:
+    def _launch(self, p: nn.Parameter, grad: torch.Tensor):
+        """Start averaging ``grad`` over the ranks. Divided before the sum, as DeepSpeed does: a sum of
+        loss-scaled fp16 gradients overflows where their mean does not."""
+        if _zero.is_zero3_param(p):
+            world = _zero.group_world_size(p)
+            if world > 1:
+                grad.div_(world)
+            work, finish = _zero.reduce_to_shard(p, grad, async_op=self._overlap)
+        else:
+            world = self._world
+            work = None
+            if world > 1:  # replicas must apply the same averaged gradient, never drift apart
+                grad.div_(world)
+                work = dist.all_reduce(grad, async_op=self._overlap)
+            finish = lambda g=grad, w=p.data: (g, w)  # noqa: E731
+        return p, work, finish
+
+    def _receive(self, pending):
+        """Wait for a reduction (NCCL: the compute stream waits, the host does not) and, for per-parameter
+        clipping, launch the all-reduce of the shard's squared norm. The norm is taken on the gradient's
+        device, before any host copy (offload_param): NCCL needs device tensors."""
+        p, work, finish = pending
         if work is not None:
-            work.wait()  # NCCL: the compute stream waits for the collective; the host does not block
-        g, w = finish()
-        # A shard that is all padding is empty here; it still takes part in the collectives below.
-        factor = self._lr_scale / world  # averaging over ranks and unscaling fold into one multiply
+            work.wait()
+        g, w = finish()  # a shard that is all padding is empty; it still takes part in the collectives
+        norm = None
+        if self._phase == "update" and self.clip_grad_norm is not None and self.clip_mode == "per_param":
+            # _chunks yields at least one slice (an all-padding shard: an empty one, summing to a 0 tensor)
+            norm_sq = sum(self._grad32(gc).square().sum() for gc, _ in _chunks(g, w))
+            norm_work = None
+            if _zero.is_zero3_param(p) and _zero.group_world_size(p) > 1:
+                norm_work = dist.all_reduce(norm_sq, group=_zero.partition_group(p), async_op=self._overlap)
+            norm = (norm_sq, norm_work)
+        return p, g, w, norm
+
+    def _apply(self, p: nn.Parameter, g: torch.Tensor, w: torch.Tensor, norm) -> None:
         if self._phase == "norm":
             for gc, _ in _chunks(g, w):  # non-finite values (fp16 overflow) propagate into the sum
-                self._norm_sq += self._grad32(gc, factor).square().sum()
+                self._norm_sq += self._grad32(gc).square().sum()
             return
         coef = None
-        if self.clip_grad_norm is not None and self.clip_mode == "per_param":
-            # _chunks yields at least one slice (an all-padding shard: an empty one, summing to a 0 tensor)
-            norm_sq = sum(self._grad32(gc, factor).square().sum() for gc, _ in _chunks(g, w))
-            if _zero.is_zero3_param(p) and _zero.group_world_size(p) > 1:
-                dist.all_reduce(norm_sq, group=_zero.partition_group(p))
+        if norm is not None:
+            norm_sq, norm_work = norm
+            if norm_work is not None:
+                norm_work.wait()
             coef = (self.clip_grad_norm / (norm_sq.sqrt() + 1e-6)).clamp(max=1.0)  # a tensor: no host sync
         group = self._group_of[p]
         for gc, wc in _chunks(g, w):
-            gc = self._grad32(gc, factor)
-            self._update(wc, gc if coef is None else gc * coef, group["lr"], group["weight_decay"])
+            gc = self._grad32(gc)
+            if coef is not None:
+                gc = gc * coef
+            self._update(wc, _to_weight_device(gc, wc), group["lr"], group["weight_decay"])
 
-    def _grad32(self, g: torch.Tensor, factor: float) -> torch.Tensor:
-        """The gradient in fp32, averaged and unscaled, clamped by value when asked."""
+    def _grad32(self, g: torch.Tensor) -> torch.Tensor:
+        """The gradient in fp32, unscaled (it was averaged over ranks before the reduction), clamped by value
+        when asked."""
         g = g.float()
-        if factor != 1.0:
-            g = g * factor
+        if self._lr_scale != 1.0:
+            g = g * self._lr_scale
         if self.clip_grad_value is not None and self._phase == "update":
             g = g.clamp(-self.clip_grad_value, self.clip_grad_value)
         return g
 
     def _update(self, w: torch.Tensor, g: torch.Tensor, lr: float, wd: float) -> None:
-        w32 = w if w.dtype == torch.float32 else w.float()
+        """``w <- w (1 - lr wd) - lr clip g`` in fp32, written back only if the whole result is finite in
+        ``w``'s dtype (an fp16 value above 65504 is not); otherwise ``w`` is left as it was and the update
+        flag counts the slice. Decided on the device: no host sync."""
+        new = w.float()
+        if new is w:
+            new = w.clone()  # out of place, so a non-finite result can be discarded
         if wd:
-            w32.mul_(1.0 - lr * wd)
-        w32.add_(g, alpha=-lr * self._clip_coef)
-        if w32 is not w:
+            new.mul_(1.0 - lr * wd)
+        new.add_(g, alpha=-lr * self._clip_coef)
+        if new.dtype != w.dtype:
+            out = torch.empty_like(w)
             if self.stochastic_rounding and w.dtype == torch.bfloat16:
-                stochastic_round_to_bf16_(w, w32, self._generator(w.device))
+                stochastic_round_to_bf16_(out, new, self._generator(w.device))
             else:
-                w.copy_(w32)
+                out.copy_(new)
+            new = out
+        ok = torch.isfinite(new).all()
+        self._update_flag(w.device).add_(~ok)
+        w.copy_(torch.where(ok, new, w, out=new))
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
@@ -307,6 +414,10 @@ class LOMO(torch.optim.Optimizer):
         state = super().state_dict()
         state["lomo"] = {
             "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+            "update_overflows": self.update_overflows,
+            # flags of the last update pass, not yet read: a read here is a host sync, once per checkpoint
+            "unreported_update_flags": int(sum(f.item() for f in self._update_flags.values())) + self._carried_update_flags,
             "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
             "generators": {str(d): g.get_state() for d, g in self._generators.items()},
         }
@@ -318,6 +429,11 @@ class LOMO(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._index_groups()
         self.global_step = int(extra.get("global_step", 0))
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+        self.update_overflows = int(extra.get("update_overflows", 0))
+        self._carried_update_flags = int(extra.get("unreported_update_flags", 0))
+        for flag in self._update_flags.values():
+            flag.zero_()
         if extra.get("loss_scaler") is not None and self.loss_scaler is not None:
             self.loss_scaler.load_state_dict(extra["loss_scaler"])
         for dev, gen_state in (extra.get("generators") or {}).items():
@@ -337,6 +453,13 @@ def _chunks(g: torch.Tensor, w: torch.Tensor):
     g, w = g.reshape(-1), w.view(-1)
     for start in range(0, n, UPDATE_CHUNK):
         yield g[start:start + UPDATE_CHUNK], w[start:start + UPDATE_CHUNK]
+
+
+def _to_weight_device(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The gradient slice where its weight lives. With offload_param the shard is on the host: a blocking
+    copy, since the update reads it on the host at once. Everything that feeds a collective is computed
+    before this copy, on the gradient's device."""
+    return g if g.device == w.device else g.to(w.device)
 
 
 def _rng_state():

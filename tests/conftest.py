@@ -8,7 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
@@ -21,14 +20,3 @@ from lomo_trainer import _zero  # noqa: E402
 
 _zero.disable_cpu_shm_build()
 
-
-@pytest.fixture
-def cpu_fp16(monkeypatch):
-    """Let DeepSpeed build fp16 engines on a CPU without AVX512-FP16/AMX.
-
-    DeepSpeed refuses fp16 where ``torch.ops.mkldnn._is_mkldnn_fp16_supported()`` is false, but torch computes
-    fp16 on any x86-64 CPU (slowly). Only that gate is patched, so the fp16 logic (loss scaling, overflow
-    skips under ZeRO-3) runs on every machine. Forked ranks inherit the patch."""
-    from deepspeed.accelerator import get_accelerator
-
-    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: True)

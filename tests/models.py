@@ -11,6 +11,17 @@ from transformers.modeling_outputs import CausalLMOutput
 VOCAB = 1600  # 1600 x 64 = 102400 elements: the embedding is above DeepSpeed's default persistence threshold
 
 
+def allow_cpu_fp16() -> None:
+    """Let ``deepspeed.initialize`` accept fp16 on any CPU. Call it in the forked rank, before initialize.
+
+    DeepSpeed's engine refuses fp16 unless ``get_accelerator().is_fp16_supported()`` (on CPU: oneDNN's
+    AVX512-FP16/AMX check); torch itself computes fp16 on any x86-64 CPU, so only the gate is patched,
+    on DeepSpeed's accelerator singleton, and the fp16 logic under test runs unchanged."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().is_fp16_supported = lambda: True
+
+
 def tiny_llama(tie: bool = True, seed: int = 0, vocab: int = VOCAB, hidden: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -7,7 +7,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from distributed import run_ranks
-from models import VOCAB, reference_sgd, tiny_llama
+from models import VOCAB, allow_cpu_fp16, reference_sgd, tiny_llama
 
 STEPS = 6
 
@@ -214,6 +214,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path):
 
 
 def train_fp16(rank, world, out):
+    allow_cpu_fp16()
     cfg = ds_config(0.5)
     cfg["fp16"] = {"enabled": "auto", "initial_scale_power": 19, "loss_scale_window": 100, "hysteresis": 1}
     trainer = make_trainer(_args(out, cfg, max_grad_norm=0.5, fp16=True))
@@ -222,7 +223,7 @@ def train_fp16(rank, world, out):
     return [(h["learning_rate"], h["loss_scale"], h["skipped_steps"]) for h in trainer.state.log_history if "loss" in h]
 
 
-def test_trainer_fp16_overflow_skips_and_the_schedule_waits(tmp_path, cpu_fp16):
+def test_trainer_fp16_overflow_skips_and_the_schedule_waits(tmp_path):
     log = run_ranks(train_fp16, 2, str(tmp_path))[0]
     skipped = [s for _, _, s in log]
     assert skipped[0] == 1 and skipped[-1] < STEPS, f"2^19 must overflow at first, then train: {log}"

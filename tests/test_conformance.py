@@ -1,0 +1,111 @@
+"""LOMOTrainer against the stock transformers.Trainer (optim="sgd"), side by side: same seed, data and arguments.
+
+Everything but the update's mechanics must agree: the weights (the objective is the global token mean of padded
+rows of unequal length, on any number of ranks), the step early stopping stops at, the best metric and the
+checkpoints written, the keys logged, and a model card (naming LOMO, not AdamW).
+"""
+import os
+
+import pytest
+import torch
+from transformers import EarlyStoppingCallback, Trainer
+
+from distributed import run_ranks
+from models import VOCAB, tiny_llama
+from test_trainer import _args, ds_config
+
+
+def _rows(n, seed):
+    """Rows of 3..14 tokens; the first 1-3 tokens are a prompt (labels -100), so every row counts differently."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(3, 15, (1,), generator=g))
+        ids = torch.randint(0, VOCAB, (length,), generator=g).tolist()
+        prompt = int(torch.randint(1, 4, (1,), generator=g))
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
+
+
+def collate(features):
+    length = max(len(f["input_ids"]) for f in features)
+
+    def pad(key, value):
+        return torch.tensor([f[key] + [value] * (length - len(f[key])) for f in features])
+
+    mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * (length - len(f["input_ids"])) for f in features])
+    return {"input_ids": pad("input_ids", 0), "labels": pad("labels", -100), "attention_mask": mask}
+
+
+def run(rank, world, out, lomo, zero3=False, early_stop=False, **kw):
+    from lomo_trainer import LOMOTrainer
+
+    settings = dict(max_steps=8, max_grad_norm=kw.pop("max_grad_norm", 0.0))
+    if early_stop:
+        settings.update(eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                        metric_for_best_model="eval_loss", greater_is_better=False, load_best_model_at_end=True,
+                        save_total_limit=2)
+    settings.update(kw)
+    args = _args(out, ds_config(settings["max_grad_norm"]) if zero3 else None,
+                 **({} if lomo else {"optim": "sgd"}), **settings)
+    callbacks = [EarlyStoppingCallback(early_stopping_patience=1, early_stopping_threshold=1.0)] if early_stop else []
+    cls = LOMOTrainer if lomo else Trainer
+    trainer = cls(model=tiny_llama(), args=args, train_dataset=_rows(32, 0), eval_dataset=_rows(8, 1),
+                  data_collator=collate, callbacks=callbacks)
+    trainer.train()
+    if lomo and zero3:
+        from lomo_trainer import _zero
+        weights = _zero.consolidated_state_dict(trainer.deepspeed)
+    else:
+        weights = trainer.model.state_dict()
+    weights = {k: v.double().clone() for k, v in weights.items()}
+    trainer.create_model_card()
+    card = open(os.path.join(out, "README.md")).read() if rank == 0 else ""
+    state = trainer.state
+    return dict(weights=weights, step=state.global_step, best=state.best_metric, total_flos=state.total_flos,
+                best_ckpt=os.path.basename(state.best_model_checkpoint or ""), history=state.log_history,
+                listing=sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")), card=card)
+
+
+def _kinds(history):
+    """The logged keys per kind of row: training logs, evaluations, the final summary."""
+    kinds = {"train": set(), "eval": set(), "summary": set()}
+    for row in history:
+        kind = "summary" if "train_runtime" in row else "eval" if "eval_loss" in row else "train"
+        kinds[kind] |= set(row)
+    return kinds
+
+
+def _assert_same_weights(stock, lomo):
+    for name, expected in stock.items():
+        err = (lomo[name] - expected).abs().max().item()
+        assert err <= 2e-6 * (1 + expected.abs().max().item()), f"{name}: off by {err:.2e}"
+
+
+@pytest.mark.parametrize("world,zero3,clip", [(1, False, 0.0), (2, False, 0.0), (2, True, 0.0), (2, True, 1.0)],
+                         ids=["1-rank", "2-ranks", "2-ranks-zero3", "2-ranks-zero3-clip"])
+def test_same_weights_as_stock_sgd(tmp_path, world, zero3, clip):
+    stock = run_ranks(run, world, str(tmp_path / "stock"), False, max_grad_norm=clip)[0]
+    ours = run_ranks(run, world, str(tmp_path / "lomo"), True, zero3, max_grad_norm=clip)[0]
+    _assert_same_weights(stock["weights"], ours["weights"])
+    assert ours["step"] == stock["step"] == 8
+    assert ours["total_flos"] == stock["total_flos"] > 0
+    for kind, keys in _kinds(stock["history"]).items():
+        assert keys <= _kinds(ours["history"])[kind], f"{kind} rows lack {keys - _kinds(ours['history'])[kind]}"
+    optimizer_line = next(line for line in ours["card"].splitlines() if line.startswith("- optimizer:"))
+    assert "LOMO" in optimizer_line and "betas" not in ours["card"], optimizer_line
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_early_stopping_best_model_and_checkpoints_as_stock(tmp_path, world):
+    stock = run_ranks(run, world, str(tmp_path / "stock"), False, early_stop=True)[0]
+    ours = run_ranks(run, world, str(tmp_path / "lomo"), True, world == 2, early_stop=True)[0]
+    assert stock["step"] < 8, "the threshold makes early stopping fire"
+    assert ours["step"] == stock["step"]
+    assert ours["best"] == pytest.approx(stock["best"], rel=1e-5)
+    assert ours["best_ckpt"] == stock["best_ckpt"] and ours["listing"] == stock["listing"], (ours, stock)
+    # load_best_model_at_end: both end on the best checkpoint's weights
+    _assert_same_weights(stock["weights"], ours["weights"])
+    assert _kinds(stock["history"])["eval"] <= _kinds(ours["history"])["eval"]
