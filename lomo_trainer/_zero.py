@@ -184,6 +184,11 @@ def load_full_param_(p: torch.Tensor, full: torch.Tensor) -> None:
         p.ds_tensor[:valid].copy_(full.reshape(-1)[start:start + valid])
 
 
+def full_numel(p: torch.Tensor) -> int:
+    """Elements of the whole parameter (a partitioned one's local tensor is empty)."""
+    return p.ds_numel if is_zero3_param(p) else p.numel()
+
+
 def local_data(p: torch.Tensor) -> torch.Tensor:
     """What this rank holds of ``p``: its ZeRO-3 shard (padding included), or the whole tensor."""
     return p.ds_tensor if is_zero3_param(p) else p.data

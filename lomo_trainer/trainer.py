@@ -131,6 +131,15 @@ class LOMOTrainer(Trainer):
         self._tokens = tokens if self._tokens is None else self._tokens + tokens
         return loss
 
+    def floating_point_ops(self, inputs) -> int:
+        """The stock estimate (6 x tokens x non-embedding parameters), counting ZeRO-3 parameters at full size."""
+        model, main = self.model, getattr(self.model, "main_input_name", "input_ids")
+        if self.deepspeed is None or main not in inputs:
+            return super().floating_point_ops(inputs)
+        embeddings = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+        params = sum(_zero.full_numel(p) for n, p in model.named_parameters() if n not in embeddings)
+        return 6 * inputs[main].numel() * params
+
     # ------------------------------------------------------------------ the loop
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if trial is not None:
@@ -193,6 +202,7 @@ class LOMOTrainer(Trainer):
                         break
                     inputs = samples[0]
                     self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+                    skips_before = self.optimizer.skipped_steps
                     loss = self.training_step(model, inputs, num_items)
                     self.current_flos += float(self.floating_point_ops(inputs))
                     skipped = self.optimizer.last_step_skipped
@@ -200,7 +210,8 @@ class LOMOTrainer(Trainer):
                         tr_loss += loss
                         self._loss_since_log += loss
                     self._steps_since_log += 1
-                    self._check_divergence(skipped)
+                    # skipped_steps also counts an update pass found non-finite, reported at the next step
+                    self._check_divergence(self.optimizer.skipped_steps > skips_before)
                     if not skipped:  # the schedule waits for a step that updated, as in DeepSpeed
                         self.lr_scheduler.step()
                     self.state.global_step += 1

@@ -60,7 +60,7 @@ def run(rank, world, out, lomo, zero3=False, early_stop=False, **kw):
         weights = _zero.consolidated_state_dict(trainer.deepspeed)
     else:
         weights = trainer.model.state_dict()
-    weights = {k: v.double().clone() for k, v in weights.items()}
+    weights = {k: v.double().clone() for k, v in (weights or {}).items()}  # ZeRO-3: gathered on rank 0 only
     trainer.create_model_card()
     card = open(os.path.join(out, "README.md")).read() if rank == 0 else ""
     state = trainer.state
@@ -93,6 +93,8 @@ def test_same_weights_as_stock_sgd(tmp_path, world, zero3, clip):
     assert ours["step"] == stock["step"] == 8
     assert ours["total_flos"] == stock["total_flos"] > 0
     for kind, keys in _kinds(stock["history"]).items():
+        if not clip:  # LOMO measures the norm only when it clips (a second backward): the README says so
+            keys = keys - {"grad_norm"}
         assert keys <= _kinds(ours["history"])[kind], f"{kind} rows lack {keys - _kinds(ours['history'])[kind]}"
     optimizer_line = next(line for line in ours["card"].splitlines() if line.startswith("- optimizer:"))
     assert "LOMO" in optimizer_line and "betas" not in ours["card"], optimizer_line
