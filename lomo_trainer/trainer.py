@@ -237,8 +237,8 @@ class LOMOTrainer(Trainer):
         if dist.is_initialized():
             dist.all_reduce(tr_loss)
             tr_loss /= dist.get_world_size()
-        samples = self.state.max_steps * self._global_batch() * (self.state.global_step - start_step) / max_steps
-        metrics = speed_metrics("train", start, num_samples=samples, num_steps=self.state.global_step - start_step)
+        run_steps = self.state.global_step - start_step
+        metrics = speed_metrics("train", start, num_samples=run_steps * self._global_batch(), num_steps=run_steps)
         self.store_flos()
         metrics["total_flos"] = self.state.total_flos
         metrics["train_loss"] = tr_loss.item() / steps_run
