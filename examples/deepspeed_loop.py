@@ -7,8 +7,7 @@ import deepspeed
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from lomo_trainer import LOMO
-from lomo_trainer._zero import disable_cpu_shm_build
+from lomo_trainer import LOMO, disable_cpu_shm_build
 from lomo_trainer.data import CausalLMCollator, build_datasets
 
 disable_cpu_shm_build()  # on CPU: skip compiling an inference-only DeepSpeed op

@@ -1,8 +1,9 @@
 """lomo_trainer: full-parameter fine-tuning with LOMO's fused update on DeepSpeed ZeRO-3."""
+from .config import LOMOArguments
 from .loss_scaler import DynamicLossScaler
 from .optimizer import LOMO
 
-__all__ = ["LOMO", "DynamicLossScaler", "LOMOTrainer"]
+__all__ = ["LOMO", "DynamicLossScaler", "LOMOArguments", "LOMOTrainer", "disable_cpu_shm_build"]
 __version__ = "0.1.0"
 
 
@@ -11,3 +12,11 @@ def __getattr__(name):  # the trainer pulls in transformers: import it only when
         from .trainer import LOMOTrainer
         return LOMOTrainer
     raise AttributeError(name)
+
+
+def disable_cpu_shm_build() -> None:
+    """On a CPU, before ``deepspeed.init_distributed()``: skip compiling DeepSpeed's shared-memory op (60-90 s of
+    g++), which only inference uses."""
+    from ._zero import disable_cpu_shm_build as disable
+
+    disable()

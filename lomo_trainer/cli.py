@@ -1,7 +1,8 @@
 """``lomo-train RUN.json [--key value ...]`` (or ``python -m lomo_trainer RUN.json``): config-driven fine-tuning.
 
-A run config is one JSON object: the fields of ``RunArguments`` below plus any ``TrainingArguments`` field
-(``deepspeed`` names the DeepSpeed JSON). ``--key value`` on the command line overrides the file. Works under
+A run config is one JSON object: the fields of ``RunArguments`` below, of ``LOMOArguments`` (config.py: clip_mode,
+clip_grad_value, stochastic_rounding, max_consecutive_skips) and any ``TrainingArguments`` field (``deepspeed`` names
+the DeepSpeed JSON). ``--key value`` on the command line overrides the file. Works under
 ``deepspeed --num_gpus 8``, ``torchrun``, ``accelerate launch`` or a plain process. Bad input stops with one
 line naming the key, before a model, a dataset or DeepSpeed is touched.
 """
@@ -17,7 +18,8 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 
-from .config import ConfigError, load_json, validate
+from . import _hf
+from .config import ConfigError, LOMOArguments, load_json, validate
 
 logger = logging.getLogger("lomo_trainer")
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,10 +46,6 @@ class RunArguments:
     max_eval_samples: int | None = None
     eval_choices: list[str] | None = field(default=None, metadata={
         "help": "completions to rank by log-likelihood on the validation prompts after training: reports accuracy"})
-    max_consecutive_skips: int = field(default=5, metadata={
-        "help": "stop the run after this many steps in a row skipped for a non-finite loss or gradient"})
-    lomo_config: str | None = field(default=None, metadata={
-        "help": "JSON object of LOMO params for runs without a DeepSpeed config (keys of optimizer.params)"})
 
 
 def _resolve(path: str | None, base: str) -> str | None:
@@ -63,7 +61,8 @@ def _resolve(path: str | None, base: str) -> str | None:
 
 
 def parse(argv: list[str]):
-    """RUN.json + overrides -> (RunArguments, TrainingArguments kwargs); no process group is created here."""
+    """RUN.json + overrides -> (RunArguments, TrainingArguments kwargs, LOMOArguments); no process group is created
+    here."""
     from transformers import HfArgumentParser, TrainingArguments
 
     # the deepspeed launcher puts --local_rank=N first; the rank comes from the environment anyway
@@ -74,18 +73,20 @@ def parse(argv: list[str]):
     if not os.path.isfile(run_file):
         raise ConfigError(f"run config {run_file!r} does not exist: pass a JSON file such as configs/default_cpu.json")
     values = load_json(run_file, "run config")
+    if "lomo_config" in values:  # its keys are LOMOArguments fields now
+        raise ConfigError(f"{run_file}: lomo_config is no longer read: write its keys (clip_mode, clip_grad_value, "
+                          "stochastic_rounding) at the top level; lr, weight_decay, seed, clip_grad_norm are "
+                          "learning_rate, weight_decay, seed, max_grad_norm")
+    classes = (RunArguments, LOMOArguments, TrainingArguments)
     # no abbreviations: --learning_rat must be refused on the command line as it is in the file
-    parser = HfArgumentParser((RunArguments, TrainingArguments), allow_abbrev=False, exit_on_error=False)
+    parser = HfArgumentParser(classes, allow_abbrev=False, exit_on_error=False)
     parser.error = _parser_error
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - _hf.parser_keys(parser))
     if unknown:
-        raise ConfigError(f"{run_file}: unknown key(s) {unknown}: use RunArguments or TrainingArguments field names")
-    _check_types(values, run_file, (RunArguments, TrainingArguments))
-    parser.set_defaults(**{k: v for k, v in values.items()})
-    for action in parser._actions:  # a value in the file satisfies a required flag
-        if action.dest in values:
-            action.required = False
+        raise ConfigError(f"{run_file}: unknown key(s) {unknown}: use RunArguments, LOMOArguments or "
+                          "TrainingArguments field names")
+    _check_types(values, run_file, classes)
+    _hf.set_file_values(parser, values)
     try:
         namespace, rest = parser.parse_known_args(args=overrides)
     except argparse.ArgumentError as e:  # a value argparse could not convert: one line, no usage text
@@ -102,6 +103,7 @@ def parse(argv: list[str]):
     values["deepspeed"] = _resolve(deepspeed, base) if isinstance(deepspeed, str) else deepspeed
     values["resume_from_checkpoint"] = _resume_value(values.get("resume_from_checkpoint"))
     run = RunArguments(**{f.name: values[f.name] for f in dataclasses.fields(RunArguments)})
+    lomo = LOMOArguments(**{f.name: values[f.name] for f in dataclasses.fields(LOMOArguments)})
     # TrainingArguments is built here for its own checks and normalised values, without the DeepSpeed JSON:
     # it would read that through accelerate, whose errors are long tracebacks; prevalidate reads it instead.
     try:
@@ -110,7 +112,7 @@ def parse(argv: list[str]):
     except ValueError as e:
         raise ConfigError(f"TrainingArguments: {str(e).strip().splitlines()[0]}") from None
     kwargs = {f.name: getattr(targs, f.name) for f in dataclasses.fields(targs) if f.init}
-    return run, {**kwargs, "deepspeed": values["deepspeed"]}
+    return run, {**kwargs, "deepspeed": values["deepspeed"]}, lomo
 
 
 def _parser_error(message: str):
@@ -140,8 +142,6 @@ def _check_types(values: dict, run_file: str, classes) -> None:
     for key, value in values.items():
         if key == "resume_from_checkpoint" and isinstance(value, bool):
             continue  # true: the latest checkpoint in output_dir
-        if key == "lomo_config" and isinstance(value, dict):
-            continue  # the object itself, instead of a JSON string
         if key in hints and _accepts(hints[key], value) is False:
             raise ConfigError(f"{run_file}: {key}={json.dumps(value)} must be {_describe(hints[key])}")
 
@@ -207,34 +207,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .data import precheck_data
 
-        run, targs_kwargs = parse(argv)
-        lomo_config = _lomo_config(run.lomo_config)
-        prevalidate(targs_kwargs, lomo_config)
+        run, targs_kwargs, lomo = parse(argv)
+        prevalidate(targs_kwargs, lomo)
         precheck_model(run, targs_kwargs)
         precheck_data(run)
-        return _train(run, targs_kwargs, lomo_config)
+        return _train(run, targs_kwargs, lomo)
     except ConfigError as e:  # before the process group, or a data/config error found later: one line either way
         print(f"lomo-train: error: {e}", file=sys.stderr)
         return 2
 
 
-def _lomo_config(value):
-    if value is None or isinstance(value, dict):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"lomo_config is not valid JSON ({e.msg} at column {e.colno}): pass an object such as "
-                          "'{\"clip_grad_norm\": 1.0}'") from None
-
-
-def prevalidate(targs_kwargs: dict, lomo_config) -> None:
-    """Validate the DeepSpeed JSON against the arguments before TrainingArguments exists (with a DeepSpeed
-    config it initialises the process group)."""
-    from types import SimpleNamespace
+def prevalidate(targs_kwargs: dict, lomo: LOMOArguments | None = None) -> None:
+    """Validate the DeepSpeed JSON against the arguments before the process group: TrainingArguments built
+    without it (with a DeepSpeed config it would initialise the process group)."""
+    from transformers import TrainingArguments
 
     ds = targs_kwargs.get("deepspeed")
-    validate(load_json(ds) if ds else None, SimpleNamespace(**targs_kwargs), lomo_config)
+    validate(load_json(ds) if ds else None, TrainingArguments(**{**targs_kwargs, "deepspeed": None}), lomo)
     resume = targs_kwargs.get("resume_from_checkpoint")
     if isinstance(resume, str) and not os.path.isdir(resume):
         raise ConfigError(f"resume_from_checkpoint={resume!r} does not exist: pass a checkpoint-N folder, or true "
@@ -285,7 +274,7 @@ def _check_hub_id(key: str, name: str) -> None:
                               "unset")
 
 
-def _train(run: RunArguments, targs_kwargs: dict, lomo_config) -> int:
+def _train(run: RunArguments, targs_kwargs: dict, lomo: LOMOArguments) -> int:
     from transformers import AutoTokenizer, TrainingArguments, set_seed
 
     from .data import CausalLMCollator, build_datasets
@@ -304,7 +293,7 @@ def _train(run: RunArguments, targs_kwargs: dict, lomo_config) -> int:
     model = build_model(run, args)
     trainer = LOMOTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                           data_collator=CausalLMCollator(tokenizer), processing_class=tokenizer,
-                          lomo_config=lomo_config, max_consecutive_skips=run.max_consecutive_skips)
+                          lomo_args=lomo)
     try:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
         trainer.save_model()

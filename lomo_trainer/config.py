@@ -5,16 +5,20 @@ Users already write DeepSpeed JSON; LOMOTrainer reads the same file:
     "optimizer": {"type": "LOMO", "params": {"lr": "auto", "weight_decay": "auto", "clip_grad_norm": "auto",
                                               "clip_grad_value": null, "clip_mode": "global",
                                               "stochastic_rounding": true}},
-    "scheduler": {"type": "WarmupDecayLR", "params": {...}},   # DeepSpeed's names, run by torch's LambdaLR
+    "scheduler": {"type": "WarmupDecayLR", "params": {...}},   # run by DeepSpeed's own scheduler classes
     "fp16": {"enabled": "auto", "initial_scale_power": 16, ...}, "bf16": {"enabled": "auto"},
     "gradient_clipping": "auto", "zero_optimization": {"stage": 3, ...}
 
-"auto" takes the TrainingArguments value, as in HF. Where two sources disagree, or a combination cannot work,
+"auto" takes the TrainingArguments value, as in HF. Each setting has one home: learning_rate, weight_decay,
+seed and max_grad_norm live in TrainingArguments (``optimizer.params`` and ``gradient_clipping`` may only restate
+them); LOMO's own settings are ``LOMOArguments`` (run config, command line, ``LOMOTrainer(lomo_args=...)`` or
+``optimizer.params``); a ``scheduler`` block owns the schedule (``lr_scheduler_type`` may only restate it).
+Where two sources disagree, or a combination cannot work,
 ``validate`` raises a one-line ``ConfigError`` naming the keys, before any process group or GPU memory is used.
 The ``optimizer`` and ``scheduler`` blocks are removed from what DeepSpeed sees: LOMO is not a DeepSpeed
 optimizer, and DeepSpeed must build its engine without one (no fp32 master copy, no gradient buffers).
-Clipping: an absent ``gradient_clipping`` means TrainingArguments.max_grad_norm (1.0 by default, which is
-also DeepSpeed's default); 0 or null turns norm clipping off and saves the second backward pass.
+Clipping: TrainingArguments.max_grad_norm (1.0 by default, which is also DeepSpeed's default for
+``gradient_clipping``); 0 turns norm clipping off and saves the second backward pass.
 """
 from __future__ import annotations
 
@@ -22,9 +26,14 @@ import copy
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
-OPTIMIZER_PARAMS = {"lr", "weight_decay", "clip_grad_norm", "clip_grad_value", "clip_mode", "stochastic_rounding", "seed"}
+# optimizer.params keys that restate a TrainingArguments field: "auto" or the same value
+RESTATED = {"lr": "learning_rate", "weight_decay": "weight_decay", "clip_grad_norm": "max_grad_norm", "seed": "seed"}
+OPTIMIZER_FIELDS = ("clip_grad_value", "clip_mode", "stochastic_rounding")  # LOMOArguments fields of optimizer.params
+OPTIMIZER_PARAMS = set(RESTATED) | set(OPTIMIZER_FIELDS)
+# TrainingArguments.lr_scheduler_type that draws the same curve as a DeepSpeed scheduler block
+HF_EQUIVALENT = {"WarmupLR": "constant_with_warmup", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}
 SCHEDULERS = {"WarmupLR", "WarmupDecayLR", "WarmupCosineLR"}
 FP16_KEYS = {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
              "consecutive_hysteresis", "min_loss_scale"}
@@ -136,6 +145,22 @@ def _check_scheduler(scheduler: dict, lr: float) -> None:
                           "set one to match or use \"auto\"")
 
 
+def _check_one_schedule(scheduler: dict, args) -> None:
+    """A scheduler block owns the schedule: TrainingArguments may restate it, never contradict it. Its defaults
+    (lr_scheduler_type "linear", no warmup) cannot be told from values given on purpose, so they pass."""
+    kind = scheduler["type"]
+    hf = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    if hf not in ("linear", HF_EQUIVALENT[kind]) or args.lr_scheduler_kwargs:
+        given = f"lr_scheduler_type={hf}" + (" with lr_scheduler_kwargs" if args.lr_scheduler_kwargs else "")
+        raise ConfigError(f"scheduler.type={kind} in the DeepSpeed config but TrainingArguments.{given}: the schedule "
+                          "has one home, drop the scheduler block or lr_scheduler_type (and lr_scheduler_kwargs)")
+    steps = (scheduler.get("params") or {}).get("warmup_num_steps", "auto")
+    warmup = args.warmup_steps or getattr(args, "warmup_ratio", 0)
+    if steps != "auto" and warmup and steps != warmup:
+        raise ConfigError(f"scheduler.params.warmup_num_steps={steps} in the DeepSpeed config but TrainingArguments."
+                          f"warmup_steps={warmup}: keep one (warmup_num_steps \"auto\" takes warmup_steps)")
+
+
 def _check_device_dtype(fp16: bool, bf16: bool) -> None:
     """DeepSpeed refuses a dtype its accelerator lacks only inside deepspeed.initialize (engine._do_sanity_check),
     after the process group: ask the same gate now. Asked at every call, never cached: tests patch it."""
@@ -169,6 +194,77 @@ def _check_batch(ds: dict, args) -> None:
 
 
 @dataclass
+class LOMOArguments:
+    """LOMO's own settings, one schema for lomo-train's run config and command line (``--clip_mode per_param``),
+    ``LOMOTrainer(lomo_args=...)`` and the DeepSpeed JSON's ``optimizer.params``. None means not given: the other
+    source, else the default, applies. lr, weight_decay, seed and norm clipping are TrainingArguments' fields
+    (learning_rate, weight_decay, seed, max_grad_norm): not repeated here, where they would clash on the command
+    line."""
+
+    clip_grad_value: float | None = field(default=None, metadata={
+        "help": "clamp each gradient element to [-v, v] (one backward pass); default: off"})
+    clip_mode: str | None = field(default=None, metadata={
+        "help": '"global" (default): exact global-norm clipping at max_grad_norm, two backward passes; "per_param": '
+                "each gradient clipped on its own, one pass"})
+    stochastic_rounding: bool | None = field(default=None, metadata={
+        "help": "bf16 only: write updates back with stochastic rounding; default: false"})
+    max_consecutive_skips: int | None = field(default=None, metadata={
+        "help": "stop the run after this many steps in a row skipped for a non-finite loss or gradient; default: 5"})
+
+    def __post_init__(self):  # messages start with the field name: optimizer.params prefixes its own
+        if self.clip_grad_value is not None:
+            self.clip_grad_value = _number("clip_grad_value", self.clip_grad_value, positive=True)
+        if self.clip_mode not in (None, "global", "per_param"):
+            raise ConfigError(f"clip_mode={self.clip_mode!r}: use \"global\" (exact, two backward passes) or "
+                              "\"per_param\" (one pass)")
+        if self.stochastic_rounding is not None and not isinstance(self.stochastic_rounding, bool):
+            raise ConfigError(f"stochastic_rounding must be true or false, got {json.dumps(self.stochastic_rounding)}")
+        if self.max_consecutive_skips is not None:
+            _integer("max_consecutive_skips", self.max_consecutive_skips, auto=False)
+
+    def given(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+LOMO_DEFAULTS = {"clip_grad_value": None, "clip_mode": "global", "stochastic_rounding": False,
+                 "max_consecutive_skips": 5}
+
+
+def _stated(values, where: str, allowed: set) -> list[tuple[str, str, object]]:
+    """(name, key, value) for each value an optimizer.params-like object states ("auto", and null for a
+    LOMOArguments field, state nothing); LOMOArguments fields are checked by its own __post_init__."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a JSON object of optimizer.params keys, got {_json_type(values)}")
+    unknown = set(values) - allowed
+    if unknown:
+        raise ConfigError(f"{where} has unknown key(s) {sorted(unknown)}: allowed are {sorted(allowed)}")
+    own = {k: v for k, v in values.items() if k in LOMO_DEFAULTS and v not in ("auto", None)}
+    try:
+        LOMOArguments(**own)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.{e}") from None
+    return [(f"{where}.{k}", k, v) for k, v in values.items() if v != "auto" and (k in RESTATED or k in own)]
+
+
+def _merge(stated: list[tuple[str, str, object]]) -> dict:
+    """key -> (name, value): one setting stated twice with different values is refused, naming both."""
+    given = {}
+    for name, key, value in stated:
+        if key in given and _differ(given[key][1], value, key):
+            raise ConfigError(f"{given[key][0]}={given[key][1]!r} but {name}={value!r}: one setting given in two "
+                              "places, keep one")
+        given.setdefault(key, (name, value))
+    return given
+
+
+def _differ(a, b, key: str) -> bool:
+    if key == "clip_grad_norm":  # 0 and null both turn norm clipping off
+        a, b = a or None, b or None
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    return not math.isclose(a, b) if numbers else a != b
+
+
+@dataclass
 class LOMOSettings:
     """Everything LOMOTrainer needs to build the optimizer and the scheduler."""
 
@@ -183,6 +279,7 @@ class LOMOSettings:
     bf16: bool = False
     scheduler: dict | None = None  # DeepSpeed scheduler block, or None for TrainingArguments.lr_scheduler_type
     zero_stage: int | None = None
+    max_consecutive_skips: int = 5
     warnings: list[str] = field(default_factory=list)
 
     def optimizer_kwargs(self) -> dict:
@@ -191,32 +288,42 @@ class LOMOSettings:
                     stochastic_rounding=self.stochastic_rounding, seed=self.seed)
 
 
-def validate(ds_config: dict | None, args, lomo_config: dict | None = None) -> LOMOSettings:
-    """Check a DeepSpeed config (or None: no DeepSpeed) against TrainingArguments ``args``.
+def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | None = None, *,
+             lomo_config: dict | None = None, max_consecutive_skips: int | None = None) -> LOMOSettings:
+    """Check a DeepSpeed config (or None: no DeepSpeed) against TrainingArguments ``args`` and ``lomo_args``.
 
-    ``lomo_config`` holds optimizer params for runs without a DeepSpeed JSON (same keys as
-    ``optimizer.params``). An absent ``fp16``/``bf16`` block (or ``enabled`` key) counts as ``"auto"``, as
+    ``lomo_args`` is a LOMOArguments, or a dict with the keys of ``optimizer.params`` (and max_consecutive_skips);
+    ``lomo_config`` and ``max_consecutive_skips`` are LOMOTrainer's older keywords for the same. A setting stated in
+    two of these places must agree. An absent ``fp16``/``bf16`` block (or ``enabled`` key) counts as ``"auto"``, as
     accelerate fills it: ``--fp16 true`` with such a JSON trains in fp16, never silently in fp32."""
     ds = ds_config or {}
     if not isinstance(ds, dict):
         raise ConfigError(f"the DeepSpeed config must be a JSON object, got {_json_type(ds)}")
-    if lomo_config is not None and not isinstance(lomo_config, dict):
-        raise ConfigError(f"lomo_config must be a JSON object of optimizer.params keys, got {_json_type(lomo_config)}")
 
+    # every place a LOMO setting is stated, as (name, key, value), in the order names are reported
+    stated = []
+    if ds.get("gradient_clipping", "auto") != "auto":  # DeepSpeed's name for clip_grad_norm
+        stated.append(("gradient_clipping", "clip_grad_norm", ds["gradient_clipping"]))
+    lomo_keys = OPTIMIZER_PARAMS | {"max_consecutive_skips"}
+    if isinstance(lomo_args, LOMOArguments):
+        stated += [(key, key, value) for key, value in lomo_args.given().items()]
+    elif lomo_args is not None:
+        stated += _stated(lomo_args, "lomo_args", lomo_keys)
+    if lomo_config is not None:
+        stated += _stated(lomo_config, "lomo_config", lomo_keys)
+    if max_consecutive_skips is not None:
+        stated.append(("max_consecutive_skips", "max_consecutive_skips",
+                       LOMOArguments(max_consecutive_skips=max_consecutive_skips).max_consecutive_skips))
     opt = _block(ds, "optimizer", example='{"type": "LOMO", "params": {...}}')
-    params = dict(lomo_config or {})
     if "optimizer" in ds:
         if "type" not in opt:
             raise ConfigError('optimizer must be {"type": "LOMO", "params": {...}}')
         if str(opt["type"]).lower() != "lomo":
             raise ConfigError(f"optimizer.type {opt['type']!r} is not supported by LOMOTrainer: set it to \"LOMO\" "
                               "(or use transformers.Trainer for DeepSpeed's own optimizers)")
-        if lomo_config:
-            raise ConfigError("optimizer params given both in the DeepSpeed JSON and as lomo_config: keep one")
-        params = dict(_block(opt, "params", "optimizer.params", '{"lr": "auto"}'))
-    unknown = set(params) - OPTIMIZER_PARAMS
-    if unknown:
-        raise ConfigError(f"optimizer.params has unknown key(s) {sorted(unknown)}: allowed are {sorted(OPTIMIZER_PARAMS)}")
+        stated += _stated(_block(opt, "params", "optimizer.params", '{"lr": "auto"}'), "optimizer.params",
+                          OPTIMIZER_PARAMS)
+    given = _merge(stated)
 
     args_gas = _integer("gradient_accumulation_steps (TrainingArguments)", args.gradient_accumulation_steps,
                         auto=False)
@@ -274,36 +381,24 @@ def validate(ds_config: dict | None, args, lomo_config: dict | None = None) -> L
     if ds_config is not None:
         _check_device_dtype(fp16, bf16)
 
-    lr_from_args = params.get("lr", "auto") == "auto"
-    lr = _number("learning_rate" if lr_from_args else "optimizer.params.lr",
-                 _auto(params.get("lr", "auto"), args.learning_rate), allow_none=False)
-    if not lr_from_args and lr != args.learning_rate:
-        raise ConfigError(f"optimizer.params.lr={lr} but TrainingArguments.learning_rate={args.learning_rate}: "
-                          "set one to match or use \"auto\"")
-    wd_from_args = params.get("weight_decay", "auto") == "auto"
-    wd = _number("weight_decay" if wd_from_args else "optimizer.params.weight_decay",
-                 _auto(params.get("weight_decay", "auto"), args.weight_decay), allow_none=False)
+    def restated(key, check):
+        """A TrainingArguments value, which a LOMO source may restate (DeepSpeed's and HF's rule for "auto")."""
+        home = RESTATED[key]
+        value = check(home, getattr(args, home))
+        if key in given:
+            name, stated_value = given[key]
+            if _differ(check(name, stated_value), value, key):
+                raise ConfigError(f"{name}={stated_value} but TrainingArguments.{home}={value}: set one to match or "
+                                  "use \"auto\"")
+        return value
 
-    # Norm clipping: DeepSpeed's gradient_clipping and optimizer.params.clip_grad_norm mean the same thing.
-    ds_clip = _auto(ds.get("gradient_clipping", "auto"), args.max_grad_norm)
-    opt_clip = _auto(params.get("clip_grad_norm", "auto"), ds_clip)
-    _number("gradient_clipping", ds_clip)
-    if "gradient_clipping" in ds and "clip_grad_norm" in params and ds["gradient_clipping"] != "auto" \
-            and params["clip_grad_norm"] != "auto" and (ds_clip or None) != (opt_clip or None):
-        raise ConfigError(f"gradient_clipping={ds_clip} but optimizer.params.clip_grad_norm={opt_clip}: "
-                          "they are the same setting, keep one")
-    clip_norm = _number("optimizer.params.clip_grad_norm", opt_clip)
-    clip_value = _number("optimizer.params.clip_grad_value", params.get("clip_grad_value"), positive=True)
-    clip_mode = params.get("clip_mode", "global")
-    if clip_mode not in ("global", "per_param"):
-        raise ConfigError(f"optimizer.params.clip_mode={clip_mode!r}: use \"global\" (exact, two backward passes) "
-                          "or \"per_param\" (one pass)")
-    sr = params.get("stochastic_rounding", False)
-    if not isinstance(sr, bool):
-        raise ConfigError(f"optimizer.params.stochastic_rounding must be true or false, got {json.dumps(sr)}")
-    if sr and not bf16:
-        raise ConfigError("optimizer.params.stochastic_rounding needs bf16 weights: enable bf16 or remove it")
-    seed = _integer("optimizer.params.seed", _auto(params.get("seed", "auto"), args.seed), minimum=0, auto=False)
+    lr = restated("lr", lambda k, v: _number(k, v, allow_none=False))
+    wd = restated("weight_decay", lambda k, v: _number(k, v, allow_none=False))
+    clip_norm = restated("clip_grad_norm", _number)
+    seed = restated("seed", lambda k, v: _integer(k, v, minimum=0, auto=False))
+    lomo = {key: given.get(key, (key, default))[1] for key, default in LOMO_DEFAULTS.items()}
+    if lomo["stochastic_rounding"] and not bf16:
+        raise ConfigError(f"{given['stochastic_rounding'][0]} needs bf16 weights: enable bf16 or remove it")
 
     scheduler = ds.get("scheduler")
     if scheduler is not None:
@@ -311,10 +406,13 @@ def validate(ds_config: dict | None, args, lomo_config: dict | None = None) -> L
             raise ConfigError(f"scheduler must be a JSON object like {{\"type\": \"WarmupDecayLR\", \"params\": {{...}}}}"
                               f", got {json.dumps(scheduler)}")
         _check_scheduler(scheduler, lr)
+        _check_one_schedule(scheduler, args)
 
-    return LOMOSettings(lr=lr, weight_decay=wd, clip_grad_norm=clip_norm or None, clip_grad_value=clip_value,
-                        clip_mode=clip_mode, stochastic_rounding=sr, seed=seed,
-                        fp16=fp16_cfg, bf16=bf16, scheduler=scheduler, zero_stage=stage, warnings=warnings)
+    return LOMOSettings(lr=lr, weight_decay=wd, clip_grad_norm=clip_norm or None,
+                        clip_grad_value=lomo["clip_grad_value"], clip_mode=lomo["clip_mode"],
+                        stochastic_rounding=lomo["stochastic_rounding"], seed=seed, fp16=fp16_cfg, bf16=bf16,
+                        scheduler=scheduler, zero_stage=stage, max_consecutive_skips=lomo["max_consecutive_skips"],
+                        warnings=warnings)
 
 
 def engine_config(ds_config: dict, args, world_size: int) -> dict:

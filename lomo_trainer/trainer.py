@@ -30,7 +30,7 @@ from transformers.trainer_utils import SaveStrategy, TrainOutput, speed_metrics
 
 from . import _hf, _zero, checkpoint
 from .checkpoint import LOMO_STATE, PREFIX as CKPT_PREFIX, SCHEDULER, TRAINER_STATE, last_checkpoint  # noqa: F401
-from .config import ConfigError, engine_config, load_json, validate
+from .config import ConfigError, LOMOArguments, engine_config, load_json, validate
 from .optimizer import LOMO
 from .schedulers import deepspeed_scheduler
 
@@ -60,23 +60,23 @@ def _barrier() -> None:
 
 
 class LOMOTrainer(Trainer):
-    """An HF Trainer whose optimizer is LOMO. ``lomo_config`` gives LOMO's parameters for runs without a
-    DeepSpeed JSON (same keys as the JSON's ``optimizer.params``)."""
+    """An HF Trainer whose optimizer is LOMO. ``lomo_args`` (LOMOArguments, or a dict of the JSON's
+    ``optimizer.params`` keys) gives LOMO's own settings; ``lomo_config`` and ``max_consecutive_skips`` are the
+    older keywords for them, still accepted."""
 
-    def __init__(self, model=None, args=None, *pos, lomo_config: dict | None = None, max_consecutive_skips: int = 5,
-                 **kwargs):
+    def __init__(self, model=None, args=None, *pos, lomo_args: LOMOArguments | dict | None = None,
+                 lomo_config: dict | None = None, max_consecutive_skips: int | None = None, **kwargs):
         if args is None:
             raise ConfigError("LOMOTrainer needs TrainingArguments (args=...)")
         if kwargs.get("optimizers", (None, None)) != (None, None):
             raise ConfigError("optimizers=(...) cannot be combined with LOMOTrainer: LOMO is the optimizer")
         self._ds_config = load_json(args.deepspeed) if args.deepspeed else None
-        self.lomo_settings = validate(self._ds_config, args, lomo_config)  # before any process group or GPU use
+        self.lomo_settings = validate(self._ds_config, args, lomo_args, lomo_config=lomo_config,
+                                      max_consecutive_skips=max_consecutive_skips)  # before any process group
         for message in self.lomo_settings.warnings:
             logger.warning(message)
         _hf.strip_deepspeed_optimizer(args)
-        if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
-            raise ConfigError(f"max_consecutive_skips={max_consecutive_skips!r}: it must be an integer >= 1")
-        self.max_consecutive_skips = max_consecutive_skips
+        self.max_consecutive_skips = self.lomo_settings.max_consecutive_skips
         super().__init__(model, args, *pos, **kwargs)
         self._stop_signal = False
         self._tokens = None

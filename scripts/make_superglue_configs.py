@@ -38,7 +38,8 @@ def run_config(task: str, size: str) -> dict:
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
         "num_train_epochs": 10,
-        "lr_scheduler_type": "linear",
+        # no lr_scheduler_type: the DeepSpeed JSON's WarmupDecayLR block is the schedule's one home (linear warmup
+        # over warmup_steps, then linear decay); lora drops that block and gets TrainingArguments' default, linear
         "warmup_steps": 0.1,  # < 1: a ratio of the total steps (transformers 5)
         "logging_steps": 10,
         "save_strategy": "no",  # the command evaluates in memory; checkpoints of 65B x 8 tasks are 1 TB
@@ -82,11 +83,12 @@ Written by `scripts/make_superglue_configs.py` (edit the script, not the files).
 
 | file | what |
 |---|---|
-| `<task>_<size>_8x3090.json` | tasks boolq cb copa multirc record rte wic wsc, sizes 7b 13b 30b 65b (`huggyllama/llama-<size>`): the paper's LOMO recipe on 8 x RTX 3090 -- ZeRO-3 fp16 (`configs/zero3_fp16.json`; 65B: `configs/zero3_fp16_lowmem.json`), lr 0.03, batch 2 x 8 GPUs = 16, 10 epochs, linear schedule with 10% warmup (`warmup_steps` 0.1 is a ratio), global-norm clipping 1.0, activation checkpointing, 1000 train / 1000 validation examples (`max_train_samples`/`max_eval_samples` count SuperGLUE examples here; CB, COPA and WSC have fewer training examples and use all) |
+| `<task>_<size>_8x3090.json` | tasks boolq cb copa multirc record rte wic wsc, sizes 7b 13b 30b 65b (`huggyllama/llama-<size>`): the paper's LOMO recipe on 8 x RTX 3090 -- ZeRO-3 fp16 (`configs/zero3_fp16.json`; 65B: `configs/zero3_fp16_lowmem.json`), lr 0.03, batch 2 x 8 GPUs = 16, 10 epochs, linear schedule with 10% warmup (the DeepSpeed JSON's `WarmupDecayLR` block; `warmup_steps` 0.1, a ratio, fills its `"auto"` warmup), global-norm clipping 1.0, activation checkpointing, 1000 train / 1000 validation examples (`max_train_samples`/`max_eval_samples` count SuperGLUE examples here; CB, COPA and WSC have fewer training examples and use all) |
 | `tiny_cpu.json` | the end-to-end test: shipped tiny LLaMA from scratch, ZeRO-3 on CPU (`configs/zero3_cpu.json`) |
 
 `lora` reuses a LOMO config: it drops the DeepSpeed JSON's LOMO `optimizer` and `scheduler` blocks (HF's
-AdamW and the config's linear schedule run under the same ZeRO-3 fp16 set-up) and trains at `--lora-lr`
+AdamW and TrainingArguments' default linear schedule, with the same `warmup_steps`, run under the same ZeRO-3 fp16
+set-up) and trains at `--lora-lr`
 (5e-4 by default) instead of `learning_rate`. No training data keys (`train_file`, `dataset_name`): the
 command writes `<output_dir>/<task>/{train,validation}.jsonl` from `--data-dir` or the hub.
 """

@@ -83,12 +83,26 @@ def write(tmp_path, name, content):
     (("--fp16", "maybe"), {}, r"--fp16: Truthy value expected: got maybe"),
     (("--learning_rat", "-1"), {}, r"unknown command-line argument\(s\) \['--learning_rat', '-1'\]"),
     (("--learning_rate",), {}, r"--learning_rate.*expected one argument"),
-    (("--lomo_config", "{oops"), {"deepspeed": None}, r"lomo_config is not valid JSON"),
-    (("--lomo_config", "[1]"), {"deepspeed": None}, r"lomo_config must be a JSON object"),
+    (("--clip_mode", "local"), {}, r"error: clip_mode='local': use \"global\" .* or \"per_param\""),
+    (("--clip_grad_value", "-1"), {}, r"error: clip_grad_value must be > 0, got -1"),
+    ((), {"clip_mode": 3}, r"run.json: clip_mode=3 must be a string or null$"),
+    ((), {"lomo_config": '{"clip_mode": "per_param"}'}, r"lomo_config is no longer read: write its keys"),
 ])
 def test_wrong_types_are_one_line(lomo_train, overrides, changes, match):
     err = refused(lomo_train, match, *overrides, **changes)
     assert "usage:" not in err
+
+
+def test_lomo_arguments_on_the_command_line_and_in_the_run_config(lomo_train, tmp_path):
+    """LOMOArguments are run-config keys and flags; against the DeepSpeed JSON's optimizer.params, one place."""
+    rc, _, reached = lomo_train("--clip_mode", "per_param", clip_grad_value=0.5)
+    assert rc == 0 and reached
+    reached.clear()
+    ds = write(tmp_path, "ds.json", json.dumps({**ZERO3, "optimizer": {"type": "LOMO", "params": {"clip_mode": "global"}}}))
+    refused(lomo_train, r"error: clip_mode='per_param' but optimizer.params.clip_mode='global': one setting given in "
+                        r"two places, keep one$", "--clip_mode", "per_param", deepspeed=ds)
+    refused(lomo_train, r"error: stochastic_rounding needs bf16 weights", "--stochastic_rounding", "true")
+    refused(lomo_train, r"max_consecutive_skips must be an integer >= 1, got 0", max_consecutive_skips=0)
 
 
 def test_no_abbreviations(lomo_train):

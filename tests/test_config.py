@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lomo_trainer.cli import main, parse
-from lomo_trainer.config import ConfigError, engine_config, load_json, validate
+from lomo_trainer.config import ConfigError, LOMOArguments, engine_config, load_json, validate
 from lomo_trainer.schedulers import deepspeed_scheduler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def targs(**kw):
     base = dict(learning_rate=1e-3, weight_decay=0.0, max_grad_norm=1.0, gradient_accumulation_steps=1, fp16=False,
-                bf16=False, seed=0, per_device_train_batch_size=2, warmup_steps=0)
+                bf16=False, seed=0, per_device_train_batch_size=2, warmup_steps=0, lr_scheduler_type="linear",
+                lr_scheduler_kwargs=None)
     base.update(kw)
     ns = SimpleNamespace(**base)
     ns.get_warmup_steps = lambda n: int(ns.warmup_steps * n) if ns.warmup_steps < 1 else int(ns.warmup_steps)
@@ -56,13 +57,16 @@ def test_shipped_deepspeed_configs_validate(path):
 def test_shipped_run_configs_parse(path):
     if "model_name_or_path" not in load_json(path):
         pytest.skip("a DeepSpeed config")
-    run, kwargs = parse([path])
+    from transformers import TrainingArguments
+
+    run, kwargs, lomo = parse([path])
     assert run.model_name_or_path
     if kwargs.get("deepspeed"):
         assert os.path.isfile(kwargs["deepspeed"]), kwargs["deepspeed"]
         ds = load_json(kwargs["deepspeed"])
-        validate(ds, targs(**{k: kwargs[k] for k in ("learning_rate", "weight_decay", "max_grad_norm", "fp16", "bf16",
-                                                     "per_device_train_batch_size")}))
+        validate(ds, TrainingArguments(**{**kwargs, "deepspeed": None}), lomo)
+        if "scheduler" in ds:  # one home for the schedule: the run config leaves lr_scheduler_type out
+            assert "lr_scheduler_type" not in load_json(path), path
 
 
 BAD = [
@@ -119,6 +123,22 @@ BAD = [
      "scheduler.params.warmup_max_lr=0.5 but the optimizer lr is 0.001"),
     ({**ZERO3, "scheduler": {"type": "WarmupLR", "params": ["x"]}}, {}, "scheduler.params must be a JSON object"),
     ({**ZERO3, "scheduler": "WarmupLR"}, {}, "scheduler must be a JSON object"),
+    # one home for each setting: a second place may restate a value, never contradict it
+    ({**ZERO3, "scheduler": {"type": "WarmupDecayLR"}}, {"lr_scheduler_type": "cosine"},
+     "scheduler.type=WarmupDecayLR in the DeepSpeed config but TrainingArguments.lr_scheduler_type=cosine: the "
+     "schedule has one home"),
+    ({**ZERO3, "scheduler": {"type": "WarmupLR"}}, {"lr_scheduler_kwargs": {"num_cycles": 2}},
+     "TrainingArguments.lr_scheduler_type=linear with lr_scheduler_kwargs: the schedule has one home"),
+    ({**ZERO3, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 100}}}, {"warmup_steps": 0.1},
+     r"scheduler.params.warmup_num_steps=100 in the DeepSpeed config but TrainingArguments.warmup_steps=0.1: keep "
+     r"one \(warmup_num_steps \"auto\" takes warmup_steps\)"),
+    ({**ZERO3, "optimizer": {"type": "LOMO", "params": {"weight_decay": 0.1}}}, {},
+     r"optimizer.params.weight_decay=0.1 but TrainingArguments.weight_decay=0.0: set one to match or use \"auto\""),
+    ({**ZERO3, "optimizer": {"type": "LOMO", "params": {"seed": 3}}}, {}, "optimizer.params.seed=3 but "
+                                                                          "TrainingArguments.seed=0"),
+    ({**ZERO3, "gradient_clipping": 0.5}, {}, "gradient_clipping=0.5 but TrainingArguments.max_grad_norm=1.0"),
+    ({**ZERO3, "optimizer": {"type": "LOMO", "params": {"clip_grad_norm": 0}}}, {},
+     "optimizer.params.clip_grad_norm=0 but TrainingArguments.max_grad_norm=1.0"),
 ]
 
 
@@ -228,9 +248,11 @@ def test_cli_rejects_bad_run_config_before_any_work(tmp_path, capsys):
 
 def test_cli_override_takes_precedence(tmp_path):
     run = tmp_path / "run.json"
-    run.write_text(json.dumps({"model_name_or_path": "m", "learning_rate": 0.1, "output_dir": "o"}))
-    r, kwargs = parse([str(run), "--learning_rate", "0.25", "--max_length", "64"])
+    run.write_text(json.dumps({"model_name_or_path": "m", "learning_rate": 0.1, "output_dir": "o",
+                               "clip_grad_value": 0.5, "clip_mode": "global"}))
+    r, kwargs, lomo = parse([str(run), "--learning_rate", "0.25", "--max_length", "64", "--clip_mode", "per_param"])
     assert kwargs["learning_rate"] == 0.25 and r.max_length == 64
+    assert (lomo.clip_mode, lomo.clip_grad_value, lomo.stochastic_rounding) == ("per_param", 0.5, None)
 
 
 @pytest.mark.parametrize("block", [
@@ -258,3 +280,62 @@ def test_schedulers_match_deepspeed(block):
     ours = lrs(lambda opt: deepspeed_scheduler(block, opt, 20, targs()))
     theirs = lrs(lambda opt: getattr(lr_schedules, block["type"])(opt, **block["params"]))
     assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-9)
+
+
+def test_scheduler_block_may_restate_the_arguments():
+    """lr_scheduler_type that draws the block's curve, and warmup given once, are one home."""
+    validate({**ZERO3, "scheduler": {"type": "WarmupCosineLR"}}, targs(lr_scheduler_type="cosine"))
+    validate({**ZERO3, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}, targs(warmup_steps=10))
+    validate({**ZERO3, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}},
+             targs(warmup_steps=0.1))
+    validate({**ZERO3, "gradient_clipping": 0.0}, targs(max_grad_norm=0.0))
+
+
+def test_scheduler_is_deepspeeds_own_with_plain_state():
+    import io
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    block = {"type": "WarmupDecayLR", "params": {"warmup_max_lr": "auto", "warmup_num_steps": "auto"}}
+    sched = deepspeed_scheduler(block, opt, 20, targs(warmup_steps=4))
+    assert type(sched).__module__ == "deepspeed.runtime.lr_schedules"
+    assert (sched.warmup_num_steps, sched.total_num_steps, sched.max_lrs) == (4, 20, [0.1])
+    sched.step()
+    buffer = io.BytesIO()
+    torch.save(sched.state_dict(), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True) == {"last_batch_iteration": 0}
+
+
+@pytest.mark.parametrize("sources, message", [
+    (dict(lomo_args=LOMOArguments(clip_mode="per_param")), r"clip_mode='per_param' but optimizer.params.clip_mode="
+                                                           r"'global': one setting given in two places, keep one"),
+    (dict(lomo_args={"clip_mode": "per_param"}), r"lomo_args.clip_mode='per_param' but optimizer.params.clip_mode"),
+    (dict(lomo_args=LOMOArguments(max_consecutive_skips=3), max_consecutive_skips=4),
+     "max_consecutive_skips=3 but max_consecutive_skips=4"),
+    (dict(lomo_args=LOMOArguments(stochastic_rounding=True)), r"^stochastic_rounding needs bf16 weights"),
+    (dict(lomo_config={"clip_grad_value": -1}), "lomo_config.clip_grad_value must be > 0, got -1"),
+    (dict(lomo_config=[1]), "lomo_config must be a JSON object of optimizer.params keys, got list"),
+])
+def test_lomo_setting_in_two_places_is_refused_naming_both(sources, message):
+    cfg = {**ZERO3, "optimizer": {"type": "LOMO", "params": {"clip_mode": "global"}}}
+    with pytest.raises(ConfigError, match=message) as info:
+        validate(cfg, targs(), **sources)
+    assert "\n" not in str(info.value)
+
+
+def test_lomo_arguments_one_schema_for_every_source():
+    """The same settings from LOMOArguments, the DeepSpeed JSON, the old lomo_config dict and the old keyword."""
+    wanted = dict(clip_grad_value=0.5, clip_mode="per_param", stochastic_rounding=True)
+    args = targs(bf16=True)
+    for cfg, sources in [(ZERO3, dict(lomo_args=LOMOArguments(**wanted, max_consecutive_skips=3))),
+                         ({**ZERO3, "optimizer": {"type": "LOMO", "params": wanted}}, dict(max_consecutive_skips=3)),
+                         (None, dict(lomo_config={**wanted, "lr": "auto", "max_consecutive_skips": 3})),
+                         (ZERO3, dict(lomo_args={**wanted, "max_consecutive_skips": 3}))]:
+        s = validate(cfg, args, **sources)
+        assert (s.clip_grad_value, s.clip_mode, s.stochastic_rounding, s.max_consecutive_skips) == (0.5, "per_param",
+                                                                                                     True, 3), sources
+    defaults = validate(ZERO3, targs())
+    assert (defaults.clip_grad_value, defaults.clip_mode, defaults.stochastic_rounding,
+            defaults.max_consecutive_skips) == (None, "global", False, 5)
+    with pytest.raises(ConfigError, match=r"^max_consecutive_skips must be an integer >= 1, got 0$"):
+        LOMOArguments(max_consecutive_skips=0)

@@ -26,6 +26,7 @@ import os
 import sys
 from pathlib import Path
 
+from .. import _hf
 from ..ranking import NORMALIZATIONS
 from .report import load_json, log_wandb, render_table, run_name, save_json
 from .tasks import TASKS, get_task
@@ -164,7 +165,7 @@ METHOD_LABELS = {"lomo": "LOMO", "lora": "LoRA", "zero-shot": "zero-shot"}
 
 def train_tasks(args, method: str) -> dict:
     """Per task: fresh model, train, evaluate on every rank; rank 0 rewrites the results after each task."""
-    run, targs_kwargs = _run_config(args, method)
+    run, targs_kwargs, lomo = _run_config(args, method)
     tasks = [get_task(name.strip()) for name in args.tasks.split(",") if name.strip()]
     n_train = _sample_size(args.n_train, run.max_train_samples)
     n_eval = _sample_size(args.n_eval, run.max_eval_samples)
@@ -181,7 +182,8 @@ def train_tasks(args, method: str) -> dict:
     for t in tasks:
         train_ex = _load(args, t.name, "train", n_train)
         eval_ex = _load(args, t.name, "validation", n_eval)
-        results["tasks"][t.name], rank = _train_and_evaluate(t, train_ex, eval_ex, run, targs_kwargs, args, method)
+        metrics, rank = _train_and_evaluate(t, train_ex, eval_ex, run, targs_kwargs, args, method, lomo)
+        results["tasks"][t.name] = metrics
         if rank == 0:
             print(f"{t.dirname} ({method}): " + ", ".join(f"{k}={v:.4f}" for k, v in results["tasks"][t.name].items()
                                                            if isinstance(v, float)), flush=True)
@@ -197,17 +199,16 @@ def _run_config(args, method: str):
     """RUN.json + overrides through lomo-train's parser; LOMO's DeepSpeed block is checked before any work."""
     from ..cli import parse, prevalidate
 
-    run, targs_kwargs = parse([args.config, *args.overrides])
+    run, targs_kwargs, lomo = parse([args.config, *args.overrides])
     for key in ("train_file", "validation_file", "dataset_name"):
         if getattr(run, key):
             raise ValueError(f"{args.config}: {key} is set, but SuperGLUE runs build their own data from "
                              "--data-dir or the hub; remove it.")
     if method != "lora":
-        lomo_config = json.loads(run.lomo_config) if run.lomo_config else None
-        prevalidate(targs_kwargs, lomo_config)
+        prevalidate(targs_kwargs, lomo)
     else:
         targs_kwargs = _lora_training_kwargs(targs_kwargs, args)
-    return run, targs_kwargs
+    return run, targs_kwargs, lomo
 
 
 def _sample_size(flag: int | None, configured: int | None) -> int | None:
@@ -243,14 +244,14 @@ def _lora_training_kwargs(targs_kwargs: dict, args) -> dict:
     return kwargs
 
 
-def _train_and_evaluate(task, train_ex, eval_ex, run, targs_kwargs, args, method):
+def _train_and_evaluate(task, train_ex, eval_ex, run, targs_kwargs, args, method, lomo=None):
     """One task on a fresh model; returns (metrics, rank). Every rank evaluates the same examples."""
     from transformers import AutoTokenizer, TrainingArguments, set_seed
 
     from ..data import build_datasets
     from .evaluation import evaluate
 
-    _reset_accelerate()
+    _hf.reset_accelerate_state()  # a fresh engine per task
     targs = TrainingArguments(**{**targs_kwargs, "output_dir": str(Path(targs_kwargs["output_dir"]) / task.name)})
     set_seed(targs.seed)  # before the model: every task starts from the same initialisation
     train_file, eval_file = _write_records(task.name, train_ex, eval_ex, targs)
@@ -258,7 +259,7 @@ def _train_and_evaluate(task, train_ex, eval_ex, run, targs_kwargs, args, method
     data = build_datasets(tokenizer, train_file=train_file, validation_file=eval_file, max_length=run.max_length,
                           seed=targs.seed)
     model = _load_model(run, targs, method)
-    trainer = (_lora_trainer if method == "lora" else _lomo_trainer)(model, targs, data, tokenizer, run, args)
+    trainer = (_lora_trainer if method == "lora" else _lomo_trainer)(model, targs, data, tokenizer, run, args, lomo)
     out = trainer.train()
     result = evaluate(trainer.model, tokenizer, task.name, eval_ex, args.normalize,
                       batch_size=targs.per_device_eval_batch_size, device=targs.device)
@@ -268,15 +269,6 @@ def _train_and_evaluate(task, train_ex, eval_ex, run, targs_kwargs, args, method
     del trainer, model
     _free_memory()
     return result, rank
-
-
-def _reset_accelerate() -> None:
-    """accelerate keeps one DeepSpeed plugin per process in a singleton; a fresh engine per task needs it
-    cleared (the process group stays)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
 
 
 def _release(trainer) -> None:
@@ -326,17 +318,15 @@ def _load_model(run, targs, method: str):
     return build_model(run, targs, dtype=torch.float32 if method == "lora" and not targs.deepspeed else None)
 
 
-def _lomo_trainer(model, targs, data, tokenizer, run, args):
+def _lomo_trainer(model, targs, data, tokenizer, run, args, lomo):
     from ..data import CausalLMCollator
     from ..trainer import LOMOTrainer
 
-    lomo_config = json.loads(run.lomo_config) if run.lomo_config else None
     return LOMOTrainer(model=model, args=targs, train_dataset=data["train"], eval_dataset=data["validation"],
-                       data_collator=CausalLMCollator(tokenizer), processing_class=tokenizer,
-                       lomo_config=lomo_config)
+                       data_collator=CausalLMCollator(tokenizer), processing_class=tokenizer, lomo_args=lomo)
 
 
-def _lora_trainer(model, targs, data, tokenizer, run, args):
+def _lora_trainer(model, targs, data, tokenizer, run, args, lomo=None):
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer
 
