@@ -504,7 +504,8 @@ class LOMOTrainer(Trainer):
         except checkpoint.CheckpointError:
             state = None
         groups = len(self.optimizer.param_groups)  # stock AdamW/SGD have two groups (decay, no decay), LOMO one
-        if isinstance(state, dict) and len(state.get("base_lrs", ())) == groups:
+        ours = self.lr_scheduler.state_dict()
+        if isinstance(state, dict) and set(state) == set(ours) and len(state.get("base_lrs", ())) == groups:
             self.lr_scheduler.load_state_dict(state)
         else:  # the same schedule, advanced to the checkpoint's step
             for _ in range(self.state.global_step):
