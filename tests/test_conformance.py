@@ -111,3 +111,14 @@ def test_early_stopping_best_model_and_checkpoints_as_stock(tmp_path, world):
     # load_best_model_at_end: both end on the best checkpoint's weights
     _assert_same_weights(stock["weights"], ours["weights"])
     assert _kinds(stock["history"])["eval"] <= _kinds(ours["history"])["eval"]
+
+
+def test_eval_on_start_and_save_best_as_stock(tmp_path):
+    kw = dict(eval_on_start=True, eval_strategy="steps", eval_steps=2, save_strategy="best",
+              metric_for_best_model="eval_loss", greater_is_better=False)
+    stock = run_ranks(run, 1, str(tmp_path / "stock"), False, **kw)[0]
+    ours = run_ranks(run, 1, str(tmp_path / "lomo"), True, **kw)[0]
+    evals = [[h["step"] for h in r["history"] if "eval_loss" in h] for r in (stock, ours)]
+    assert evals[0][0] == 0 and evals[0] == evals[1], evals
+    assert stock["listing"] and ours["listing"] == stock["listing"], (ours["listing"], stock["listing"])
+    assert ours["best_ckpt"] == stock["best_ckpt"]
