@@ -122,3 +122,24 @@ def test_eval_on_start_and_save_best_as_stock(tmp_path):
     assert evals[0][0] == 0 and evals[0] == evals[1], evals
     assert stock["listing"] and ours["listing"] == stock["listing"], (ours["listing"], stock["listing"])
     assert ours["best_ckpt"] == stock["best_ckpt"]
+
+
+def card_after_mixed_evaluations(rank, world, out):
+    from lomo_trainer import LOMOTrainer
+
+    args = _args(out, ds_config(), max_steps=4, eval_strategy="steps", eval_steps=2)
+    trainer = LOMOTrainer(model=tiny_llama(), args=args, train_dataset=_rows(16, 0), eval_dataset=_rows(8, 1),
+                          data_collator=collate)
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    # a plain-module evaluate() (e.g. before DeepSpeed existed, or in another process of the same run) adds
+    # eval_model_preparation_time; engine evaluations do not: the stock card's table needs one set of keys
+    history = trainer.state.log_history
+    history.insert(len(history) - 1, {**evals[-1], "eval_model_preparation_time": 0.1})  # before the summary row
+    trainer.create_model_card()
+    return [sorted(h) for h in evals]
+
+
+def test_model_card_after_plain_and_deepspeed_evaluations(tmp_path):
+    evals = run_ranks(card_after_mixed_evaluations, 2, str(tmp_path))[0]
+    assert len(evals) == 2 and os.path.isfile(tmp_path / "README.md")
