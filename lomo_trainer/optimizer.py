@@ -136,6 +136,8 @@ class LOMO(torch.optim.Optimizer):
         self.update_overflows = 0   # of those, update passes found (one step late) to have left slices unwritten
         self._update_flags: dict[torch.device, torch.Tensor] = {}  # unwritten update slices, by weight device
         self._carried_update_flags = 0  # from a loaded state, not yet reported
+        self._stop_local = False    # request_stop() on this rank, not yet shared
+        self.stop_requested = False  # some rank asked to stop, as agreed at a step's sync
         self._phase: str | None = None
         self._norm_sq: torch.Tensor | None = None
         self._clip_coef = 1.0
@@ -239,10 +241,12 @@ class LOMO(torch.optim.Optimizer):
         dev = loss.device
         if norm_sq is None or (self.engine is None and self._rank != 0):
             norm_sq = torch.zeros((), device=dev)  # replicas of a plain module hold the same norm: count it once
-        vec = torch.stack([norm_sq.float(), (~torch.isfinite(loss.detach())).float(), self._take_update_flags(dev)])
+        vec = torch.stack([norm_sq.float(), (~torch.isfinite(loss.detach())).float(), self._take_update_flags(dev),
+                           torch.full((), float(self._stop_local), device=dev)])
         if self._world > 1:
             dist.all_reduce(vec)
-        norm_sq, bad_losses, unwritten = vec.tolist()  # the one host sync of a step
+        norm_sq, bad_losses, unwritten, stops = vec.tolist()  # the one host sync of a step
+        self.stop_requested = self.stop_requested or stops > 0
         if unwritten:  # the previous step's update pass overflowed somewhere: count it, lower the scale
             self.update_overflows += 1
             self.skipped_steps += 1
@@ -251,6 +255,11 @@ class LOMO(torch.optim.Optimizer):
         if bad_losses or not math.isfinite(norm_sq):
             return None
         return norm_sq
+
+    def request_stop(self) -> None:
+        """Ask every rank to stop (e.g. on SIGTERM): shared at the next step's sync, no collective of its own;
+        every rank then sees ``stop_requested`` after the same step."""
+        self._stop_local = True
 
     def _skip(self, loss: torch.Tensor) -> torch.Tensor:
         self.last_step_skipped = True

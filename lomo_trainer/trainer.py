@@ -10,7 +10,7 @@ replaces), built from the Trainer's public parts: dataloaders, ``compute_loss``,
 TrainerState, ``evaluate``. Checkpoints are LOMO's own too: LOMO has no optimizer state and no fp32 master
 copy, so a checkpoint is the model folder (loadable by ``from_pretrained``) plus the scheduler, loss scaler,
 RNG and data position; it is written to ``checkpoint-N.tmp`` and renamed, so a crash never destroys the
-previous one. SIGTERM saves a checkpoint at the end of the current step, then exits.
+previous one. SIGTERM saves a checkpoint once every rank knows of it (at the next step's sync), then exits.
 """
 from __future__ import annotations
 
@@ -287,13 +287,12 @@ class LOMOTrainer(Trainer):
 
     def _on_sigterm(self, signum, frame):
         self._stop_signal = True
+        if isinstance(self.optimizer, LOMO):
+            self.optimizer.request_stop()
 
     def _stop_requested(self) -> bool:
-        """True on every rank if any rank got SIGTERM (one scalar all-reduce per step)."""
-        flag = torch.tensor(float(self._stop_signal), device=self.args.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self._stop_signal = bool(flag.item())
+        """True on every rank once any rank got SIGTERM: the flag rides the optimizer's one sync per step."""
+        self._stop_signal = self.optimizer.stop_requested
         return self._stop_signal
 
     def _log_evaluate_save(self) -> None:

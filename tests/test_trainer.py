@@ -139,7 +139,7 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(tmp_path):
     expected = run_ranks(run_uninterrupted, 2, str(tmp_path / "a"))[0]
     saved = run_ranks(run_interrupted, 2, str(tmp_path / "b"))[0]
     got, final_step = run_ranks(run_resumed, 2, str(tmp_path / "b"), str(tmp_path / "final"))[0]
-    assert saved == ["checkpoint-3"], saved
+    assert saved == ["checkpoint-4"], saved  # SIGTERM after step 3 is shared at step 4's sync
     assert final_step == STEPS
     for name in expected:
         assert torch.equal(expected[name], got[name]), f"resumed run differs at {name}"
@@ -232,3 +232,22 @@ def test_trainer_fp16_overflow_skips_and_the_schedule_waits(tmp_path):
     # linear schedule, 2 warmup steps of 6: the lr advances only on steps that updated
     factor = [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
     assert [lr for lr, _, _ in log] == pytest.approx([0.5 * factor[i + 1 - s] for i, s in enumerate(skipped)])
+
+
+def train_checkpointed_recording_warnings(rank, world, out):
+    import dataclasses
+    import warnings
+
+    name = "activation_checkpointing" if any(f.name == "activation_checkpointing"
+                                             for f in dataclasses.fields(TrainingArguments)) else "gradient_checkpointing"
+    trainer = make_trainer(_args(out, None, max_steps=1, **{name: True}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert trainer.model.is_gradient_checkpointing
+    return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+
+def test_activation_checkpointing_without_deprecation_warnings(tmp_path):
+    messages = run_ranks(train_checkpointed_recording_warnings, 1, str(tmp_path))[0]
+    assert not [m for m in messages if "checkpointing" in m], messages
