@@ -31,15 +31,27 @@ def _bench_rank(rank, world, mode, cfg):
     from . import _zero, bench_worker
 
     _zero.disable_cpu_shm_build()
+    context = None
     if cfg["device"] == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
+        # The CUDA context and NCCL's buffers (the process group is up) sit outside the caching allocator,
+        # which is all set_per_process_memory_fraction caps: measure them and count them against the cap.
+        free, total = torch.cuda.mem_get_info(device)
+        context = total - free - torch.cuda.memory_reserved(device)
         if cfg.get("memory_cap_gb"):  # stands for a smaller GPU (e.g. 24 GB RTX 3090) on a bigger one
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg["memory_cap_gb"] * 2**30 / total), device)
+            torch.cuda.set_per_process_memory_fraction(memory_cap_fraction(cfg["memory_cap_gb"], total, context),
+                                                       device)
     else:
         device = torch.device("cpu")
         torch.set_num_threads(cfg.get("threads", 1))
-    return bench_worker.run(mode, cfg, rank, device)
+    result = bench_worker.run(mode, cfg, rank, device)
+    result["cuda_context"] = context
+    return result
+
+
+def memory_cap_fraction(cap_gb: float, total: int, context: int) -> float:
+    """The allocator's share of a device of ``total`` bytes such that allocator + ``context`` fit in ``cap_gb``."""
+    return max(0.0, min(1.0, (cap_gb * 2**30 - context) / total))
 
 
 def run_mode(mode: str, cfg: dict, timeout: float = 3600) -> list[dict]:

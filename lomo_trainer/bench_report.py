@@ -30,6 +30,9 @@ def _summarise(mode: str, ranks: list[dict], cfg: dict, pred: dict) -> dict:
     tokens = cfg["batch"] * cfg["seq_len"]
     out = {"mode": mode, "status": "ok", "peak_mib": peak / MIB, "rss_peak_mib": worst["peak"] / MIB,
            "peak_reserved_mib": worst["peak_reserved"] / MIB if worst["peak_reserved"] else None,
+           # what the device really holds: reserved + CUDA context and NCCL buffers (outside the allocator)
+           "device_peak_mib": (worst["peak_reserved"] + (worst.get("cuda_context") or 0)) / MIB
+           if worst["peak_reserved"] else None,
            "params_mib": params / MIB, "grads_mib": grads / MIB, "optimizer_states_mib": opt / MIB,
            "activations_mib": (peak - params - grads - opt) / MIB,
            "step_s": step_s, "tokens_per_s_per_device": tokens / step_s,
@@ -74,7 +77,9 @@ def _notes(cfg: dict) -> list[str]:
          "growth within the timed steps (less library pages faulted in); 'RSS' is the raw peak RSS above the RSS "
          "before the model was built. Both are CPU figures, not GPU memory; rank with the largest step growth."
          if cpu else
-         "Memory is torch.cuda.max_memory_allocated (reserved in its own column), max over ranks."),
+         "Memory is torch.cuda.max_memory_allocated, max over ranks; 'reserved+context' adds to "
+         "max_memory_reserved the CUDA context and NCCL buffers measured with mem_get_info at start, which a "
+         "memory cap counts too (set_per_process_memory_fraction alone caps only the allocator)."),
         "params = this rank's ds_tensor shards + persistent (gathered) small parameters: measured.",
         "grads = DeepSpeed's gradient partitions + fp32 gradient buffer + reduce bucket (measured sizes"
         + ("; the bucket counted up to the gradient bytes written to it, as RSS sees it" if cpu else "")
@@ -98,7 +103,7 @@ def markdown(report: dict) -> str:
             f"activation checkpointing {'on' if cfg['activation_checkpointing'] else 'off'}, "
             f"{cfg['warmup']} warm-up + {cfg['steps']} timed steps"
             + (f", memory cap {cfg['memory_cap_gb']} GB" if cfg.get("memory_cap_gb") else "") + ".")
-    cols = ["mode", "peak MiB", "RSS MiB" if cfg["device"] == "cpu" else "reserved MiB", "params", "grads", "opt states", "activations*", "step s",
+    cols = ["mode", "peak MiB", "RSS MiB" if cfg["device"] == "cpu" else "reserved+context MiB", "params", "grads", "opt states", "activations*", "step s",
             "tok/s/dev", "peak/floor", "peak/adamw", "time/floor", "tok/s vs adamw", "planner MiB", "planner err"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for m, r in report["rows"].items():
@@ -106,7 +111,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {m} | {r['status'].upper()} |" + " - |" * (len(cols) - 3) + f" {_f(r['planner_mib'])} | - |")
             continue
         lines.append("| " + " | ".join([
-            m, _f(r["peak_mib"]), _f(r["rss_peak_mib"] if cfg["device"] == "cpu" else r["peak_reserved_mib"]), _f(r["params_mib"]), _f(r["grads_mib"]),
+            m, _f(r["peak_mib"]), _f(r["rss_peak_mib"] if cfg["device"] == "cpu" else r["device_peak_mib"]), _f(r["params_mib"]), _f(r["grads_mib"]),
             _f(r["optimizer_states_mib"]), _f(r["activations_mib"]), _f(r["step_s"], "{:.3f}"),
             _f(r["tokens_per_s_per_device"], "{:.0f}"), _f(r.get("peak_vs_floor"), "{:.3f}"),
             _f(r.get("peak_vs_adamw"), "{:.3f}"), _f(r.get("time_vs_floor"), "{:.3f}"),

@@ -61,3 +61,24 @@ def test_breakdown_reflects_each_optimizer(report):
 def test_bad_mode_is_named():
     with pytest.raises(SystemExit):
         bench.parse_args(["--modes", "lomo,adam"])
+
+
+def test_memory_cap_counts_the_cuda_context():
+    from lomo_trainer.bench import memory_cap_fraction
+
+    total, context = 80 * 2**30, 2**30  # an 80 GiB device whose context and NCCL buffers take 1 GiB
+    assert memory_cap_fraction(24, total, context) * total + context == 24 * 2**30
+    assert memory_cap_fraction(0.5, total, context) == 0.0
+
+
+def test_device_column_adds_the_context_to_reserved():
+    from lomo_trainer.bench_report import MIB, _summarise
+
+    params = {"param_shards": 10 * MIB, "persistent_params": 0, "largest_param": MIB}
+    opt = {"master": 0, "states": 0, "grad_partitions": 0, "fp32_grads": 0, "reduce_bucket": 0}
+    rank = {"status": "ok", "peak": 100 * MIB, "resident_at_reset": 0, "params": params, "optimizer": opt,
+            "grad_in_flight_measured": MIB, "peak_reserved": 120 * MIB, "cuda_context": 500 * MIB,
+            "median_step_s": 1.0, "losses": [], "step_times": [], "baseline": 0}
+    row = _summarise("lomo", [rank], {"device": "cuda", "batch": 1, "seq_len": 8}, {"total": 100 * MIB,
+                                                                                    "peak_moment": "x"})
+    assert row["device_peak_mib"] == 620 and row["peak_mib"] == 100
