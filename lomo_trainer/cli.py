@@ -297,6 +297,7 @@ def _train(run: RunArguments, targs_kwargs: dict, lomo: LOMOArguments) -> int:
     try:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
         trainer.save_model()
+        trainer.save_state()  # trainer_state.json with the log history, as HF scripts leave it
     except TrainingDiverged as e:  # nothing non-finite was saved; checkpoints written before stay
         print(f"lomo-train: error: {e}", file=sys.stderr)
         return 1

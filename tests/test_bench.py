@@ -41,9 +41,15 @@ def test_ratios_recomputed_from_json(report):
         assert r["throughput_vs_adamw"] == pytest.approx(r["tokens_per_s_per_device"] / adamw["tokens_per_s_per_device"])
         assert r["tokens_per_s_per_device"] == pytest.approx(2 * 16 / r["step_s"])
         assert r["planner_rel_err"] == pytest.approx((r["planner_mib"] - r["peak_mib"]) / r["peak_mib"])
-        parts = r["params_mib"] + r["grads_mib"] + r["optimizer_states_mib"] + r["activations_mib"]
-        assert parts == pytest.approx(r["peak_mib"])
+        # one rank holds every parameter: at least the model's bf16 bytes as the shape counts them (persistent
+        # parameters' gathered copies come on top)
+        assert r["params_mib"] >= data_n_params(out) * 2 / 2**20 * (1 - 1e-6)
+        assert r["activations_mib"] > 0, "what the peak holds beyond the measured parts cannot be negative"
         assert len(r["step_times_rank0"]) == 2
+
+
+def data_n_params(out):
+    return json.loads((out / "bench.json").read_text())["n_params"]
 
 
 def test_breakdown_reflects_each_optimizer(report):

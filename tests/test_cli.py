@@ -11,7 +11,7 @@ def run_default(rank, world, out):
     from lomo_trainer.cli import main
 
     return main([os.path.join(ROOT, "configs", "default_cpu.json"), "--output_dir", out, "--max_steps", "12",
-                 "--max_eval_samples", "40", "--report_to", "none", "--disable_tqdm", "true"])
+                 "--max_eval_samples", "40", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1"])
 
 
 def test_default_run_trains_saves_and_evaluates(tmp_path):
@@ -19,6 +19,11 @@ def test_default_run_trains_saves_and_evaluates(tmp_path):
     assert run_ranks(run_default, 2, out) == [0, 0]
     result = json.load(open(os.path.join(out, "eval_results.json")))
     assert 0.0 <= result["choice_accuracy"] <= 1.0
+    # it trained: the logged loss falls from the first steps to the last (lr 0.5 on a learnable task)
+    state = json.load(open(os.path.join(out, "trainer_state.json"))) if os.path.exists(
+        os.path.join(out, "trainer_state.json")) else None
+    losses = [h["loss"] for h in (state or {}).get("log_history", []) if "loss" in h]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]) - 0.3, losses
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
