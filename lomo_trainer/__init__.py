@@ -1,16 +1,18 @@
 """lomo_trainer: full-parameter fine-tuning with LOMO's fused update on DeepSpeed ZeRO-3."""
-from .config import LOMOArguments
-from .loss_scaler import DynamicLossScaler
-from .optimizer import LOMO
+import importlib
 
 __all__ = ["LOMO", "DynamicLossScaler", "LOMOArguments", "LOMOTrainer", "disable_cpu_shm_build"]
 __version__ = "0.1.0"
 
+# Imported on first use: the planner (``python -m lomo_trainer.planner``) is arithmetic and must not pay for torch,
+# and the trainer pulls in transformers.
+_LAZY = {"LOMO": ".optimizer", "DynamicLossScaler": ".loss_scaler", "LOMOArguments": ".config",
+         "LOMOTrainer": ".trainer"}
 
-def __getattr__(name):  # the trainer pulls in transformers: import it only when asked for
-    if name == "LOMOTrainer":
-        from .trainer import LOMOTrainer
-        return LOMOTrainer
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(name)
 
 

@@ -18,7 +18,7 @@ from . import bench_report
 from .bench_worker import MODES
 from .llama_shapes import PRESETS, LlamaShape, load_shape
 from .planner import Setup, ZeroKnobs, breakdown
-from .ranks import run_ranks
+from .local_ranks import run_ranks
 
 
 def _bench_rank(rank, world, mode, cfg):

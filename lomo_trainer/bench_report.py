@@ -37,7 +37,7 @@ def _summarise(mode: str, ranks: list[dict], cfg: dict, pred: dict) -> dict:
            "activations_mib": (peak - params - grads - opt) / MIB,
            "step_s": step_s, "tokens_per_s_per_device": tokens / step_s,
            "planner_mib": pred["total"] / MIB, "planner_peak_moment": pred["peak_moment"],
-           "losses_rank0": ranks[0]["losses"], "step_times_rank0": ranks[0]["step_times"],
+           "param_dtype": worst["param_dtype"], "losses_rank0": ranks[0]["losses"], "step_times_rank0": ranks[0]["step_times"],
            "raw": {"params": pb, "optimizer": ob, "grad_in_flight_measured": worst["grad_in_flight_measured"],
                    "baseline_bytes": worst["baseline"]}}
     out["planner_rel_err"] = (out["planner_mib"] - out["peak_mib"]) / out["peak_mib"]

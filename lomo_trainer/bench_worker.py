@@ -55,9 +55,14 @@ def _build(mode: str, cfg: dict, device: torch.device):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["dtype"]]
     ds_cfg = ds_config(mode, cfg)
     torch.manual_seed(cfg.get("seed", 0))
-    # zero.Init partitions each module as it is built: a 7B model never exists whole on one device.
-    with deepspeed.zero.Init(config_dict_or_path=ds_cfg, dtype=dtype):
+    # zero.Init partitions each module as it is built: a 7B model never exists whole on one device. The dtype
+    # comes from the config's fp16/bf16 blocks: DeepSpeed 0.19.8's explicit ``dtype=`` path is
+    # ``dtype or fp16 if fp16_supported else bf16`` (precedence), which gives bf16 for fp32 on most CPUs.
+    with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
         model = LlamaForCausalLM(hf_cfg)
+    built = {p.dtype for p in model.parameters()}
+    if built != {dtype}:
+        raise RuntimeError(f"asked for {cfg['dtype']} parameters, zero.Init built {sorted(map(str, built))}")
     if cfg.get("activation_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -155,4 +160,5 @@ def _run(mode, cfg, rank, device, meter, baseline) -> dict:
             "peak": peak["peak"] - baseline, "peak_reserved": peak["peak_reserved"],
             "resident_at_reset": resident - baseline, "file_backed_growth": meter.file_backed() - file_before,
             "params": pb, "optimizer": ob, "grad_in_flight_measured": seen_grad[0],
-            "step_times": times, "median_step_s": statistics.median(timed), "losses": losses}
+            "step_times": times, "median_step_s": statistics.median(timed), "losses": losses,
+            "param_dtype": str(params[0].dtype).removeprefix("torch.")}

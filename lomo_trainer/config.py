@@ -278,7 +278,6 @@ class LOMOSettings:
     fp16: dict | None = None      # DeepSpeed-style fp16 block when fp16 is on
     bf16: bool = False
     scheduler: dict | None = None  # DeepSpeed scheduler block, or None for TrainingArguments.lr_scheduler_type
-    zero_stage: int | None = None
     max_consecutive_skips: int = 5
     warnings: list[str] = field(default_factory=list)
 
@@ -411,7 +410,7 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
     return LOMOSettings(lr=lr, weight_decay=wd, clip_grad_norm=clip_norm or None,
                         clip_grad_value=lomo["clip_grad_value"], clip_mode=lomo["clip_mode"],
                         stochastic_rounding=lomo["stochastic_rounding"], seed=seed, fp16=fp16_cfg, bf16=bf16,
-                        scheduler=scheduler, zero_stage=stage, max_consecutive_skips=lomo["max_consecutive_skips"],
+                        scheduler=scheduler, max_consecutive_skips=lomo["max_consecutive_skips"],
                         warnings=warnings)
 
 

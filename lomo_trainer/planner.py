@@ -49,7 +49,10 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .llama_shapes import LlamaShape, ceil_div, gib, load_shape
-from .optimizer import UPDATE_CHUNK
+
+# LOMO's update runs in slices of this many elements (optimizer.UPDATE_CHUNK; a test keeps them equal). Not
+# imported: the planner is arithmetic and must not pull in torch.
+UPDATE_CHUNK = 1 << 22
 
 MODES = ("lomo", "sgd", "adamw", "fwd_bwd", "fwd")
 OPTIMIZERS = ("lomo", "sgd", "adamw")
@@ -202,12 +205,8 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
 
 
 def plan(shape: LlamaShape, setup: Setup, modes=OPTIMIZERS) -> dict:
-    return {"model": shape.as_dict(), "setup": _setup_dict(setup),
+    return {"model": shape.as_dict(), "setup": asdict(setup),
             "modes": {m: breakdown(shape, setup, m) for m in modes}}
-
-
-def _setup_dict(setup: Setup) -> dict:
-    return asdict(setup)
 
 
 def format_plan(shape: LlamaShape, setup: Setup, modes=OPTIMIZERS) -> str:

@@ -28,7 +28,7 @@ def main():
     from lomo_trainer.gather_probe import gathered_after_forward
     from lomo_trainer.llama_shapes import PRESETS
     from lomo_trainer.planner import ZeroKnobs, gathered_parameters
-    from lomo_trainer.ranks import run_ranks
+    from lomo_trainer.local_ranks import run_ranks
 
     _zero.disable_cpu_shm_build()
     counts = run_ranks(gathered_after_forward, 2, PRESETS[args.preset], settings, args.seq_len, "bf16",

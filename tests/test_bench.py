@@ -45,7 +45,7 @@ def test_ratios_recomputed_from_json(report):
         # parameters' gathered copies come on top)
         assert r["params_mib"] >= data_n_params(out) * 2 / 2**20 * (1 - 1e-6)
         assert r["activations_mib"] > 0, "what the peak holds beyond the measured parts cannot be negative"
-        assert len(r["step_times_rank0"]) == 2
+        assert len(r["step_times_rank0"]) == 2 and r["param_dtype"] == "bfloat16"
 
 
 def data_n_params(out):
@@ -84,7 +84,17 @@ def test_device_column_adds_the_context_to_reserved():
     opt = {"master": 0, "states": 0, "grad_partitions": 0, "fp32_grads": 0, "reduce_bucket": 0}
     rank = {"status": "ok", "peak": 100 * MIB, "resident_at_reset": 0, "params": params, "optimizer": opt,
             "grad_in_flight_measured": MIB, "peak_reserved": 120 * MIB, "cuda_context": 500 * MIB,
-            "median_step_s": 1.0, "losses": [], "step_times": [], "baseline": 0}
+            "median_step_s": 1.0, "losses": [], "step_times": [], "baseline": 0, "param_dtype": "bfloat16"}
     row = _summarise("lomo", [rank], {"device": "cuda", "batch": 1, "seq_len": 8}, {"total": 100 * MIB,
                                                                                     "peak_moment": "x"})
     assert row["device_peak_mib"] == 620 and row["peak_mib"] == 100
+
+
+def test_fp32_bench_measures_fp32(tmp_path):
+    """DeepSpeed's zero.Init(dtype=torch.float32) builds bf16 on CPUs without fp16 support: the bench must not."""
+    rep = bench.main(["--preset", "tiny", "--seq-len", "16", "--batch", "2", "--steps", "1", "--warmup", "1",
+                      "--world-size", "1", "--device", "cpu", "--dtype", "fp32", "--modes", "lomo,fwd_bwd",
+                      "--out", str(tmp_path)])
+    row = rep["rows"]["lomo"]
+    assert row["param_dtype"] == "float32"
+    assert row["params_mib"] >= rep["n_params"] * 4 / 2**20 * (1 - 1e-6)

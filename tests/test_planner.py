@@ -167,3 +167,14 @@ def test_gathered_parameters_match_deepspeed():
     limited = ZeroKnobs(prefetch_bucket_size=5000, max_live_parameters=100_000, max_reuse_distance=0)
     assert gathered_parameters(GATHER_SHAPE, limited) == 100_000, "max_live_parameters bounds the prefetcher"
     assert measured[2] > measured[1] > measured[0] == 0, "the knobs must change what stays gathered"
+
+
+def test_planner_is_torch_free_and_counts_lomos_update_slice():
+    import subprocess
+    import sys
+
+    from lomo_trainer import optimizer, planner
+
+    assert planner.UPDATE_CHUNK == optimizer.UPDATE_CHUNK
+    code = "import sys, lomo_trainer.planner; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "the planner imported torch"
