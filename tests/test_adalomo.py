@@ -105,8 +105,17 @@ def train_zero3(rank, world, kind, opts, steps=STEPS, dtype=None, chunk=None, br
     if chunk is not None:  # forked rank: the parent keeps the default
         import lomo_trainer.optimizer
         lomo_trainer.optimizer.UPDATE_CHUNK = chunk
-    if break_stats:  # mutation: every rank keeps only its own partial statistics
-        AdaLomo._all_reduce = lambda self, p, t: None
+    if break_stats:  # mutation: the row/col (and sum theta^2) partial sums stay per rank, the rest is intact
+        prepare = AdaLomo._prepare
+
+        def partial_only(self, p, g, w):
+            self._all_reduce = lambda p, t: None
+            try:
+                return prepare(self, p, g, w)
+            finally:
+                del self._all_reduce
+
+        AdaLomo._prepare = partial_only
     if fp16:
         allow_cpu_fp16()
     model, vocab = build(kind)
@@ -166,10 +175,11 @@ def test_zero3_bf16_stochastic_rounding_bounded():
     init = {n: p.detach().double() for n, p in model.named_parameters()}
     ref = reference_adalomo(model, STEPS, 2, vocab, lr=0.05)
     for name, expected in ref.items():
-        moved = (expected - init[name]).abs().max().item()
-        err = (params[name] - expected).abs().max().item()
-        # bf16 keeps 8 bits: one ulp of the weights, plus the bf16 forward's effect on the gradients
-        assert err < 0.25 * moved + 2 ** -8 * expected.abs().max().item(), f"{name}: {err:.2e} (moved {moved:.2e})"
+        # Mean errors: AdaLomo's first step is sign-like on vectors (U = G / |G|), so an element whose tiny gradient
+        # changes sign in bf16 moves the other way; on average the bf16 run must follow the float64 one.
+        moved = (expected - init[name]).abs().mean().item()
+        err = (params[name] - expected).abs().mean().item()
+        assert err < 0.2 * moved, f"{name}: mean error {err:.2e}, mean move {moved:.2e}"
 
 
 def train_fp16_overflow(rank, world):
@@ -190,11 +200,14 @@ def train_fp16_overflow(rank, world):
         b = batch(step, rank, vocab)
         if step == 1:
             opt.loss_scaler.scale = 2.0 ** 40  # overflows every fp16 gradient
+        if step == 2:
+            opt.loss_scaler.scale = 2.0 ** 8
         before = snapshot()
         opt.step(lambda: engine.module(input_ids=b, labels=b).loss)
         after = snapshot()
         same_w = all(torch.equal(before[0][n], after[0][n]) for n in before[0])
-        same_s = all(torch.equal(before[1][i][k], after[1][i][k]) for i in before[1] for k in before[1][i])
+        same_s = all(before[1][i].keys() == after[1][i].keys() and
+                     all(torch.equal(before[1][i][k], after[1][i][k]) for k in before[1][i]) for i in before[1])
         log.append((opt.last_step_skipped, same_w, same_s, opt.loss_scale))
     return log
 
