@@ -333,3 +333,18 @@ def test_side_by_side_with_lomo_optim():
         err = (a - b).abs().max().item()
         # fp32 rounding only: the same equations, different order of operations (means vs our sums of partials)
         assert err <= 1e-5 * (1 + b.abs().max().item()), f"{name}: {err:.2e}"
+
+
+def test_superglue_finetune_optimizer_adalomo_turns_the_lomo_block_into_adalomo():
+    from lomo_trainer.config import validate
+    from lomo_trainer.superglue.cli import _run_config, build_parser
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args, rest = build_parser().parse_known_args(["finetune", "--config", os.path.join(root, "configs", "superglue",
+                                                  "tiny_cpu.json"), "--optimizer", "adalomo"])
+    args.overrides = rest
+    _, targs_kwargs, lomo = _run_config(args, "lomo")
+    assert lomo.optimizer == "adalomo" and targs_kwargs["deepspeed"]["optimizer"]["type"] == "AdaLomo"
+    from transformers import TrainingArguments
+    targs = TrainingArguments(**{k: v for k, v in targs_kwargs.items() if k != "deepspeed"})
+    assert validate(targs_kwargs["deepspeed"], targs, lomo).optimizer == "adalomo"
