@@ -1,9 +1,10 @@
 """lomo_trainer: full-parameter fine-tuning with LOMO's fused update on DeepSpeed ZeRO-3."""
+from .adalomo import AdaLomo
 from .config import LOMOArguments
 from .loss_scaler import DynamicLossScaler
 from .optimizer import LOMO
 
-__all__ = ["LOMO", "DynamicLossScaler", "LOMOArguments", "LOMOTrainer", "disable_cpu_shm_build"]
+__all__ = ["LOMO", "AdaLomo", "DynamicLossScaler", "LOMOArguments", "LOMOTrainer", "disable_cpu_shm_build"]
 __version__ = "0.1.0"
 
 
