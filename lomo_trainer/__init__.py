@@ -1,12 +1,12 @@
 """lomo_trainer: full-parameter fine-tuning with LOMO's fused update on DeepSpeed ZeRO-3."""
 import importlib
 
-__all__ = ["LOMO", "DynamicLossScaler", "LOMOArguments", "LOMOTrainer", "disable_cpu_shm_build"]
+__all__ = ["LOMO", "AdaLomo", "DynamicLossScaler", "LOMOArguments", "LOMOTrainer", "disable_cpu_shm_build"]
 __version__ = "0.1.0"
 
 # Imported on first use: the planner (``python -m lomo_trainer.planner``) is arithmetic and must not pay for torch,
 # and the trainer pulls in transformers.
-_LAZY = {"LOMO": ".optimizer", "DynamicLossScaler": ".loss_scaler", "LOMOArguments": ".config",
+_LAZY = {"LOMO": ".optimizer", "AdaLomo": ".adalomo", "DynamicLossScaler": ".loss_scaler", "LOMOArguments": ".config",
          "LOMOTrainer": ".trainer"}
 
 

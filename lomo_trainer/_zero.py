@@ -82,6 +82,16 @@ def _shard_span(p: torch.Tensor) -> tuple[int, int]:
     return start, max(0, min(n, p.ds_numel - start))
 
 
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The whole parameter's shape (a partitioned one's local tensor is empty)."""
+    return tuple(p.ds_shape) if is_zero3_param(p) else tuple(p.shape)
+
+
+def shard_offset(p: torch.Tensor) -> int:
+    """Where this rank's shard starts in the flattened parameter (0 for a parameter held whole)."""
+    return _shard_span(p)[0] if is_zero3_param(p) else 0
+
+
 def group_world_size(p: torch.Tensor) -> int:
     return dist.get_world_size(p.ds_process_group) if dist.is_initialized() else 1
 

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field, fields
 # optimizer.params keys that restate a TrainingArguments field: "auto" or the same value
 RESTATED = {"lr": "learning_rate", "weight_decay": "weight_decay", "clip_grad_norm": "max_grad_norm", "seed": "seed"}
 OPTIMIZER_FIELDS = ("clip_grad_value", "clip_mode", "stochastic_rounding")  # LOMOArguments fields of optimizer.params
-OPTIMIZER_PARAMS = set(RESTATED) | set(OPTIMIZER_FIELDS)
+ADALOMO_FIELDS = ("clip_threshold", "decay_rate", "eps1", "eps2")  # AdaLomo's own, only with optimizer.type AdaLomo
+OPTIMIZER_TYPES = {"lomo": "lomo", "adalomo": "adalomo"}  # optimizer.type, case-insensitive -> LOMOArguments.optimizer
+OPTIMIZER_PARAMS = set(RESTATED) | set(OPTIMIZER_FIELDS) | set(ADALOMO_FIELDS)
 # TrainingArguments.lr_scheduler_type that draws the same curve as a DeepSpeed scheduler block
 HF_EQUIVALENT = {"WarmupLR": "constant_with_warmup", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}
 SCHEDULERS = {"WarmupLR", "WarmupDecayLR", "WarmupCosineLR"}
@@ -210,6 +212,17 @@ class LOMOArguments:
         "help": "bf16 only: write updates back with stochastic rounding; default: false"})
     max_consecutive_skips: int | None = field(default=None, metadata={
         "help": "stop the run after this many steps in a row skipped for a non-finite loss or gradient; default: 5"})
+    optimizer: str | None = field(default=None, metadata={
+        "help": '"lomo" (default): fused SGD; "adalomo": fused AdaLomo (factored second moment, RMS-scaled step; '
+                'arXiv 2310.10195). The DeepSpeed JSON\'s optimizer.type ("LOMO"/"AdaLomo") may restate it'})
+    clip_threshold: float | None = field(default=None, metadata={
+        "help": "AdaLomo: clip each parameter's update RMS to this; default: 1.0"})
+    decay_rate: float | None = field(default=None, metadata={
+        "help": "AdaLomo: second-moment decay beta2_t = 1 - t^decay_rate, < 0; default: -0.8"})
+    eps1: float | None = field(default=None, metadata={
+        "help": "AdaLomo: added to the squared gradient (the references' eps[0]); default: 1e-30"})
+    eps2: float | None = field(default=None, metadata={
+        "help": "AdaLomo: floor of the parameter RMS that scales the step (the references' eps[1]); default: 1e-3"})
 
     def __post_init__(self):  # messages start with the field name: optimizer.params prefixes its own
         if self.clip_grad_value is not None:
@@ -221,13 +234,28 @@ class LOMOArguments:
             raise ConfigError(f"stochastic_rounding must be true or false, got {json.dumps(self.stochastic_rounding)}")
         if self.max_consecutive_skips is not None:
             _integer("max_consecutive_skips", self.max_consecutive_skips, auto=False)
+        if self.optimizer is not None:
+            if str(self.optimizer).lower() not in OPTIMIZER_TYPES:
+                raise ConfigError(f"optimizer={self.optimizer!r}: use \"lomo\" or \"adalomo\"")
+            self.optimizer = OPTIMIZER_TYPES[str(self.optimizer).lower()]
+        if self.clip_threshold is not None:
+            self.clip_threshold = _number("clip_threshold", self.clip_threshold, positive=True)
+        if self.decay_rate is not None:
+            if isinstance(self.decay_rate, bool) or not isinstance(self.decay_rate, (int, float)) or \
+                    not self.decay_rate < 0:
+                raise ConfigError(f"decay_rate must be a number < 0 (beta2_t = 1 - t^decay_rate), got {self.decay_rate!r}")
+            self.decay_rate = float(self.decay_rate)
+        for key in ("eps1", "eps2"):
+            if getattr(self, key) is not None:
+                setattr(self, key, _number(key, getattr(self, key)))
 
     def given(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 LOMO_DEFAULTS = {"clip_grad_value": None, "clip_mode": "global", "stochastic_rounding": False,
-                 "max_consecutive_skips": 5}
+                 "max_consecutive_skips": 5, "optimizer": "lomo", "clip_threshold": 1.0, "decay_rate": -0.8,
+                 "eps1": 1e-30, "eps2": 1e-3}
 
 
 def _stated(values, where: str, allowed: set) -> list[tuple[str, str, object]]:
@@ -279,12 +307,21 @@ class LOMOSettings:
     bf16: bool = False
     scheduler: dict | None = None  # DeepSpeed scheduler block, or None for TrainingArguments.lr_scheduler_type
     max_consecutive_skips: int = 5
+    optimizer: str = "lomo"         # "lomo" or "adalomo"
+    adalomo: dict = field(default_factory=dict)  # clip_threshold, decay_rate, eps: AdaLomo's own arguments
     warnings: list[str] = field(default_factory=list)
 
     def optimizer_kwargs(self) -> dict:
-        return dict(lr=self.lr, weight_decay=self.weight_decay, clip_grad_norm=self.clip_grad_norm,
-                    clip_grad_value=self.clip_grad_value, clip_mode=self.clip_mode, fp16=self.fp16,
-                    stochastic_rounding=self.stochastic_rounding, seed=self.seed)
+        kwargs = dict(lr=self.lr, weight_decay=self.weight_decay, clip_grad_norm=self.clip_grad_norm,
+                      clip_grad_value=self.clip_grad_value, clip_mode=self.clip_mode, fp16=self.fp16,
+                      stochastic_rounding=self.stochastic_rounding, seed=self.seed)
+        return {**kwargs, **self.adalomo} if self.optimizer == "adalomo" else kwargs
+
+    def optimizer_class(self):
+        from .adalomo import AdaLomo
+        from .optimizer import LOMO
+
+        return AdaLomo if self.optimizer == "adalomo" else LOMO
 
 
 def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | None = None, *,
@@ -303,7 +340,7 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
     stated = []
     if ds.get("gradient_clipping", "auto") != "auto":  # DeepSpeed's name for clip_grad_norm
         stated.append(("gradient_clipping", "clip_grad_norm", ds["gradient_clipping"]))
-    lomo_keys = OPTIMIZER_PARAMS | {"max_consecutive_skips"}
+    lomo_keys = OPTIMIZER_PARAMS | {"max_consecutive_skips", "optimizer"}
     if isinstance(lomo_args, LOMOArguments):
         stated += [(key, key, value) for key, value in lomo_args.given().items()]
     elif lomo_args is not None:
@@ -316,10 +353,11 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
     opt = _block(ds, "optimizer", example='{"type": "LOMO", "params": {...}}')
     if "optimizer" in ds:
         if "type" not in opt:
-            raise ConfigError('optimizer must be {"type": "LOMO", "params": {...}}')
-        if str(opt["type"]).lower() != "lomo":
+            raise ConfigError('optimizer must be {"type": "LOMO", "params": {...}} (or "AdaLomo")')
+        if str(opt["type"]).lower() not in OPTIMIZER_TYPES:
             raise ConfigError(f"optimizer.type {opt['type']!r} is not supported by LOMOTrainer: set it to \"LOMO\" "
-                              "(or use transformers.Trainer for DeepSpeed's own optimizers)")
+                              "or \"AdaLomo\" (or use transformers.Trainer for DeepSpeed's own optimizers)")
+        stated.append(("optimizer.type", "optimizer", OPTIMIZER_TYPES[str(opt["type"]).lower()]))
         stated += _stated(_block(opt, "params", "optimizer.params", '{"lr": "auto"}'), "optimizer.params",
                           OPTIMIZER_PARAMS)
     given = _merge(stated)
@@ -396,6 +434,13 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
     clip_norm = restated("clip_grad_norm", _number)
     seed = restated("seed", lambda k, v: _integer(k, v, minimum=0, auto=False))
     lomo = {key: given.get(key, (key, default))[1] for key, default in LOMO_DEFAULTS.items()}
+    if lomo["optimizer"] != "adalomo":
+        for key in ADALOMO_FIELDS:
+            if key in given:
+                where = f"{given['optimizer'][0]}={given['optimizer'][1]!r}" if "optimizer" in given else \
+                    "the optimizer is LOMO (default)"
+                raise ConfigError(f"{given[key][0]} is an AdaLomo setting but {where}: set optimizer to AdaLomo "
+                                  "(optimizer.type in the DeepSpeed JSON, or --optimizer adalomo) or remove it")
     if lomo["stochastic_rounding"] and not bf16:
         raise ConfigError(f"{given['stochastic_rounding'][0]} needs bf16 weights: enable bf16 or remove it")
 
@@ -411,6 +456,9 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
                         clip_grad_value=lomo["clip_grad_value"], clip_mode=lomo["clip_mode"],
                         stochastic_rounding=lomo["stochastic_rounding"], seed=seed, fp16=fp16_cfg, bf16=bf16,
                         scheduler=scheduler, max_consecutive_skips=lomo["max_consecutive_skips"],
+                        optimizer=lomo["optimizer"],
+                        adalomo=dict(clip_threshold=lomo["clip_threshold"], decay_rate=lomo["decay_rate"],
+                                     eps=(lomo["eps1"], lomo["eps2"])),
                         warnings=warnings)
 
 

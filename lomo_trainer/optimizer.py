@@ -347,21 +347,36 @@ class LOMO(torch.optim.Optimizer):
         if work is not None:
             work.wait()
         g, w = finish()  # a shard that is all padding is empty; it still takes part in the collectives
-        norm = None
-        if self._phase == "update" and self.clip_grad_norm is not None and self.clip_mode == "per_param":
-            # _chunks yields at least one slice (an all-padding shard: an empty one, summing to a 0 tensor)
-            norm_sq = sum(self._grad32(gc).square().sum() for gc, _ in _chunks(g, w))
-            norm_work = None
-            if _zero.is_zero3_param(p) and _zero.group_world_size(p) > 1:
-                norm_work = dist.all_reduce(norm_sq, group=_zero.partition_group(p), async_op=self._overlap)
-            norm = (norm_sq, norm_work)
-        return p, g, w, norm
+        ctx = self._prepare(p, g, w) if self._phase == "update" else None
+        return p, g, w, ctx
 
-    def _apply(self, p: nn.Parameter, g: torch.Tensor, w: torch.Tensor, norm) -> None:
+    def _apply(self, p: nn.Parameter, g: torch.Tensor, w: torch.Tensor, ctx) -> None:
         if self._phase == "norm":
             for gc, _ in _chunks(g, w):  # non-finite values (fp16 overflow) propagate into the sum
                 self._norm_sq += self._grad32(gc).square().sum()
             return
+        self._apply_update(p, g, w, ctx)
+
+    # ------------------------------------------------------------------ the update rule (SGD; AdaLomo overrides)
+    # An update rule is two methods: ``_prepare`` runs when a parameter's reduced shard arrives and may launch
+    # small collectives over its partition group (async with overlap, in the same order on every rank);
+    # ``_apply_update`` waits for them and writes the shard, through ``_write``.
+    def _prepare(self, p: nn.Parameter, g: torch.Tensor, w: torch.Tensor):
+        """Per-parameter clipping: launch the all-reduce of the shard's squared norm."""
+        if self.clip_grad_norm is None or self.clip_mode != "per_param":
+            return None
+        # _chunks yields at least one slice (an all-padding shard: an empty one, summing to a 0 tensor)
+        norm_sq = sum(self._grad32(gc).square().sum() for gc, _ in _chunks(g, w))
+        return norm_sq, self._all_reduce(p, norm_sq)
+
+    def _all_reduce(self, p: nn.Parameter, t: torch.Tensor):
+        """Sum ``t`` in place over ``p``'s partition group (a no-op for a replicated parameter); the handle to
+        wait on, or None."""
+        if _zero.is_zero3_param(p) and _zero.group_world_size(p) > 1:
+            return dist.all_reduce(t, group=_zero.partition_group(p), async_op=self._overlap)
+        return None
+
+    def _apply_update(self, p: nn.Parameter, g: torch.Tensor, w: torch.Tensor, norm) -> None:
         coef = None
         if norm is not None:
             norm_sq, norm_work = norm
@@ -395,6 +410,12 @@ class LOMO(torch.optim.Optimizer):
         if wd:
             new.mul_(1.0 - lr * wd)
         new.add_(g, alpha=-lr * self._clip_coef)
+        self._write(w, new)
+
+    def _write(self, w: torch.Tensor, new: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """Write the fp32 result ``new`` (a temporary, reused) into ``w``: rounded to ``w``'s dtype (stochastically
+        for bf16 when asked), and only if all of it is finite there and ``ok`` (a device bool) holds; otherwise
+        ``w`` keeps its values and the update flag counts the slice."""
         if new.dtype != w.dtype:
             out = torch.empty_like(w)
             if self.stochastic_rounding and w.dtype == torch.bfloat16:
@@ -402,7 +423,8 @@ class LOMO(torch.optim.Optimizer):
             else:
                 out.copy_(new)
             new = out
-        ok = torch.isfinite(new).all()
+        finite = torch.isfinite(new).all()
+        ok = finite if ok is None else finite & ok
         self._update_flag(w.device).add_(~ok)
         w.copy_(torch.where(ok, new, w, out=new))
 

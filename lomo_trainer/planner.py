@@ -54,8 +54,8 @@ from .llama_shapes import LlamaShape, ceil_div, gib, load_shape
 # imported: the planner is arithmetic and must not pull in torch.
 UPDATE_CHUNK = 1 << 22
 
-MODES = ("lomo", "sgd", "adamw", "fwd_bwd", "fwd")
-OPTIMIZERS = ("lomo", "sgd", "adamw")
+MODES = ("lomo", "adalomo", "sgd", "adamw", "fwd_bwd", "fwd")
+OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 CUDA_OVERHEAD_BYTES = 2**30   # CUDA context (~0.5 GiB on an H100) + cuBLAS workspace + NCCL buffers
 ALLOCATOR_RESERVE = 0.10      # max_memory_reserved over max_memory_allocated, typical of a training loop
@@ -135,6 +135,16 @@ def gathered_parameters(shape: LlamaShape, z: ZeroKnobs, training: bool = True) 
     return max(reuse_tail, prefetched, head)  # the LM head at least, for its own backward
 
 
+def adalomo_state_numel(shape: LlamaShape, gpus: int) -> int:
+    """fp32 elements of AdaLomo's state on one device: rows + cols of every weight matrix (replicated on the ranks
+    of its partition group: each needs the whole parameter's factors) and this rank's span of each norm weight's
+    full second moment. Per-parameter step counters (one float each) are left out."""
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    per_layer = 2 * (h + h) + 2 * (kv + h) + 3 * (i + h) + 2 * ceil_div(h, gpus)
+    embeddings = (shape.vocab + h) * (1 if shape.tie_embeddings else 2)
+    return embeddings + shape.layers * per_layer + ceil_div(h, gpus)
+
+
 def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
     """Predicted per-device peak for ``mode`` (one of MODES), as a dict of byte terms with ``total``
     (what ``max_memory_allocated`` / RSS above baseline should show) and ``total_with_overhead``."""
@@ -159,14 +169,16 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
         bucket = z.reduce_bucket_size if setup.device == "cuda" else min(z.reduce_bucket_size, n)
         grad_buffers = d * n_shard + d * bucket
     grad_in_flight = d * largest if training else 0
-    if mode == "lomo":  # reduce-scatter output, and the update's fp32 gradient and weight, slice by slice
+    if mode in ("lomo", "adalomo"):  # reduce-scatter output, and the update's fp32 gradient and weight, by slices
         shard = ceil_div(largest, g)
-        grad_in_flight += (d * shard if g > 1 else 0) + 8 * min(shard, UPDATE_CHUNK)
+        # AdaLomo's slice also holds G^2 (or a row-padded copy) and the update U: two more fp32 temporaries
+        grad_in_flight += (d * shard if g > 1 else 0) + (16 if mode == "adalomo" else 8) * min(shard, UPDATE_CHUNK)
     t["gradient_buffers"] = grad_buffers
     t["gradient_in_flight"] = grad_in_flight
 
     master = 0 if d == 4 else 4 * n_shard
-    t["optimizer_states"] = {"adamw": master + 8 * n_shard, "sgd": master}.get(mode, 0)
+    t["optimizer_states"] = {"adamw": master + 8 * n_shard, "sgd": master,
+                             "adalomo": 4 * adalomo_state_numel(shape, g)}.get(mode, 0)
     adam_temp = 0 if (setup.device == "cuda" and setup.fused_adamw) else 4 * n_shard
     # The step makes the fp32 gradient of the shard, and multi-tensor AdamW one more fp32 temporary.
     t["optimizer_step_temporaries"] = (4 * n_shard + (adam_temp if mode == "adamw" else 0)) if mode in ("adamw", "sgd") else 0

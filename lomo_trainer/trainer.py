@@ -100,7 +100,7 @@ class LOMOTrainer(Trainer):
                 engine, *_ = deepspeed.initialize(model=self.model, config=cfg)
                 self.model_wrapped = self.deepspeed = engine
                 _hf.register_engine(self.accelerator, engine)
-            self.optimizer = LOMO(engine, **s.optimizer_kwargs())
+            self.optimizer = s.optimizer_class()(engine, **s.optimizer_kwargs())
             model = engine
         else:
             if s.fp16 is not None:  # no fp32 master copy: weights live in the training dtype, as under DeepSpeed
@@ -108,7 +108,7 @@ class LOMOTrainer(Trainer):
             elif s.bf16:
                 self.model.to(torch.bfloat16)
             self.model.to(args.device)
-            self.optimizer = LOMO(self.model, **s.optimizer_kwargs())
+            self.optimizer = s.optimizer_class()(self.model, **s.optimizer_kwargs())
             model = self.model_wrapped = self.model
         if s.scheduler is not None:
             self.lr_scheduler = deepspeed_scheduler(s.scheduler, self.optimizer, max_steps, args)

@@ -339,3 +339,45 @@ def test_lomo_arguments_one_schema_for_every_source():
             defaults.max_consecutive_skips) == (None, "global", False, 5)
     with pytest.raises(ConfigError, match=r"^max_consecutive_skips must be an integer >= 1, got 0$"):
         LOMOArguments(max_consecutive_skips=0)
+
+
+# ---------------------------------------------------------------- AdaLomo (issue 13)
+ADALOMO = {"zero_optimization": {"stage": 3},
+           "optimizer": {"type": "AdaLomo", "params": {"lr": "auto", "clip_threshold": 0.5, "decay_rate": -0.7,
+                                                       "eps1": 1e-20, "eps2": "auto"}}}
+
+
+def test_adalomo_from_the_deepspeed_json_and_from_lomo_arguments():
+    from lomo_trainer.adalomo import AdaLomo
+
+    s = validate(ADALOMO, targs())
+    assert s.optimizer == "adalomo" and s.optimizer_class() is AdaLomo
+    assert s.optimizer_kwargs()["clip_threshold"] == 0.5 and s.optimizer_kwargs()["eps"] == (1e-20, 1e-3)
+    assert s.optimizer_kwargs()["decay_rate"] == -0.7
+    s = validate(ZERO3 | {"optimizer": {"type": "adalomo"}}, targs())
+    assert s.optimizer == "adalomo" and s.optimizer_kwargs()["clip_threshold"] == 1.0
+    s = validate(None, targs(), LOMOArguments(optimizer="AdaLomo", decay_rate=-0.5))
+    assert s.optimizer == "adalomo" and s.optimizer_kwargs()["decay_rate"] == -0.5
+    assert "clip_threshold" not in validate(ZERO3, targs()).optimizer_kwargs()  # LOMO gets LOMO's arguments
+
+
+@pytest.mark.parametrize("cfg, sources, message", [
+    (ZERO3, dict(lomo_args=LOMOArguments(optimizer="adalomo")),
+     r"optimizer='adalomo' but optimizer.type='lomo': one setting given in two places"),
+    ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "LOMO", "params": {"clip_threshold": 1.0}}}, {},
+     r"optimizer.params.clip_threshold is an AdaLomo setting but optimizer.type='lomo'"),
+    (None, dict(lomo_args=LOMOArguments(decay_rate=-0.8)), r"decay_rate is an AdaLomo setting but the optimizer is LOMO"),
+    (ZERO3 | {"optimizer": {"type": "Adam"}}, {}, r'optimizer.type .Adam. is not supported.*"AdaLomo"'),
+    (ADALOMO, dict(lomo_args={"decay_rate": 0.5}), r"lomo_args.decay_rate must be a number < 0"),
+    (None, dict(lomo_args={"optimizer": "sgd"}), r"lomo_args.optimizer='sgd': use \"lomo\" or \"adalomo\""),
+])
+def test_adalomo_settings_refused_naming_the_keys(cfg, sources, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        validate(cfg, targs(), **sources)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_optimizer_flag_reaches_lomo_arguments():
+    run, _, lomo = parse([os.path.join(ROOT, "configs", "default_cpu.json"), "--optimizer", "adalomo",
+                          "--clip_threshold", "0.5"])
+    assert (lomo.optimizer, lomo.clip_threshold) == ("adalomo", 0.5)

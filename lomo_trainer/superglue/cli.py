@@ -87,6 +87,8 @@ def _add_train_args(p: argparse.ArgumentParser, lora: bool) -> None:
                    "(training metrics follow the config's report_to)")
     p.add_argument("--wandb-project", help="default: $WANDB_PROJECT or lomo-superglue")
     if not lora:
+        p.add_argument("--optimizer", choices=("lomo", "adalomo"), default="lomo",
+                       help="adalomo: AdaLomo instead of LOMO's SGD (the run config's LOMO block becomes AdaLomo)")
         p.add_argument("--no-train", action="store_true", help="evaluate the model as loaded, sharded as the "
                        "config says: zero-shot of models too big for one GPU (method 'zero-shot')")
     else:
@@ -170,7 +172,8 @@ def train_tasks(args, method: str) -> dict:
     n_train = _sample_size(args.n_train, run.max_train_samples)
     n_eval = _sample_size(args.n_eval, run.max_eval_samples)
     root = Path(targs_kwargs["output_dir"])
-    results = {"name": args.name or f"{Path(run.model_name_or_path.rstrip('/')).name} {METHOD_LABELS[method]}",
+    label = "AdaLomo" if method == "lomo" and getattr(args, "optimizer", "lomo") == "adalomo" else METHOD_LABELS[method]
+    results = {"name": args.name or f"{Path(run.model_name_or_path.rstrip('/')).name} {label}",
                "model": run.model_name_or_path, "method": method, "split": "validation",
                "normalize": args.normalize, "n": n_eval, "n_train": n_train, "seed": args.sample_seed,
                "data": args.data_dir or args.hub_repo, "config": args.config,
@@ -205,10 +208,25 @@ def _run_config(args, method: str):
             raise ValueError(f"{args.config}: {key} is set, but SuperGLUE runs build their own data from "
                              "--data-dir or the hub; remove it.")
     if method != "lora":
+        if getattr(args, "optimizer", "lomo") == "adalomo":
+            targs_kwargs, lomo = _adalomo(targs_kwargs, lomo)
         prevalidate(targs_kwargs, lomo)
     else:
         targs_kwargs = _lora_training_kwargs(targs_kwargs, args)
     return run, targs_kwargs, lomo
+
+
+def _adalomo(targs_kwargs: dict, lomo):
+    """--optimizer adalomo: the DeepSpeed JSON's optimizer block becomes AdaLomo (its params kept)."""
+    import dataclasses
+
+    from ..config import load_json
+
+    if targs_kwargs.get("deepspeed"):
+        ds = load_json(targs_kwargs["deepspeed"])
+        ds.setdefault("optimizer", {})["type"] = "AdaLomo"
+        targs_kwargs = dict(targs_kwargs, deepspeed=ds)  # TrainingArguments takes a dict
+    return targs_kwargs, dataclasses.replace(lomo, optimizer="adalomo")
 
 
 def _sample_size(flag: int | None, configured: int | None) -> int | None:
