@@ -122,7 +122,6 @@ class FakeStream:
 
 
 def train_stream_order(rank, world):
-    from lomo_trainer import _zero
 
     log = []
     engine, *_ = deepspeed.initialize(model=tiny_llama(), config=DS_CONFIG)
