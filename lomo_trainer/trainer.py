@@ -180,6 +180,7 @@ class LOMOTrainer(Trainer):
                     f"resuming at step {start_step}" if start_step else f"LOMO training: {max_steps} steps")
         tr_loss = torch.zeros((), device=args.device)
         self._loss_since_log, self._steps_since_log, self._log_time = tr_loss.clone(), 0, time.time()
+        self._updates_since_log = 0
         self._ignore_keys_for_eval = ignore_keys_for_eval
         start = time.time()
         if args.eval_on_start:
@@ -209,6 +210,7 @@ class LOMOTrainer(Trainer):
                     if not skipped:  # a skipped step (fp16 overflow, non-finite loss) is not counted in the loss
                         tr_loss += loss
                         self._loss_since_log += loss
+                        self._updates_since_log += 1
                     self._steps_since_log += 1
                     # skipped_steps also counts an update pass found non-finite, reported at the next step
                     self._check_divergence(self.optimizer.skipped_steps > skips_before)
@@ -233,15 +235,14 @@ class LOMOTrainer(Trainer):
             logger.warning(f"SIGTERM: saved {CKPT_PREFIX}{self.state.global_step}, exiting")
             raise SystemExit(128 + signal.SIGTERM)
 
-        steps_run = max(self.state.global_step - start_step, 1)
         if dist.is_initialized():
             dist.all_reduce(tr_loss)
             tr_loss /= dist.get_world_size()
-        run_steps = self.state.global_step - start_step
+        run_steps = self.state.global_step - start_step  # in this call, as the stock Trainer reports them
         metrics = speed_metrics("train", start, num_samples=run_steps * self._global_batch(), num_steps=run_steps)
         self.store_flos()
         metrics["total_flos"] = self.state.total_flos
-        metrics["train_loss"] = tr_loss.item() / steps_run
+        metrics["train_loss"] = tr_loss.item() / max(run_steps, 1)
         self.is_in_train = False
         self.log(metrics)
         if args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
@@ -320,7 +321,7 @@ class LOMOTrainer(Trainer):
         world = dist.get_world_size() if dist.is_initialized() else 1
         loss_sum, tokens = values.tolist()
         elapsed = max(time.time() - self._log_time, 1e-9)
-        logs = {"loss": round(loss_sum / world / self._steps_since_log, 6),
+        logs = {"loss": round(loss_sum / world / max(self._updates_since_log, 1), 6),
                 "learning_rate": opt.param_groups[0]["lr"],
                 "tokens_per_second": round(tokens / elapsed, 1),
                 "peak_memory_gb": round(_peak_memory_gb(self.args.device), 3)}
@@ -330,7 +331,7 @@ class LOMOTrainer(Trainer):
             logs["loss_scale"] = opt.loss_scale
         logs["skipped_steps"] = opt.skipped_steps  # in every precision: a silent skip hides a divergence
         self._loss_since_log.zero_()
-        self._steps_since_log, self._tokens, self._log_time = 0, None, time.time()
+        self._steps_since_log, self._updates_since_log, self._tokens, self._log_time = 0, 0, None, time.time()
         return logs
 
     def create_model_card(self, *args, **kwargs):

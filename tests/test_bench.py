@@ -44,7 +44,6 @@ def test_ratios_recomputed_from_json(report):
         # one rank holds every parameter: at least the model's bf16 bytes as the shape counts them (persistent
         # parameters' gathered copies come on top)
         assert r["params_mib"] >= data_n_params(out) * 2 / 2**20 * (1 - 1e-6)
-        assert r["activations_mib"] > 0, "what the peak holds beyond the measured parts cannot be negative"
         assert len(r["step_times_rank0"]) == 2 and r["param_dtype"] == "bfloat16"
 
 
