@@ -54,7 +54,7 @@ def evaluate(model, tokenizer, task: str, examples: list[dict], normalize: str =
         _require_labels(t, [golds])
         result = {"accuracy": metrics.accuracy(preds, golds)}
         if t.name == "cb":
-            result["f1"] = metrics.macro_f1(preds, golds)
+            result["f1"] = metrics.macro_f1(preds, golds, num_classes=3)
     result = {k: result[k] for k in t.metrics}
     result.update(score=sum(result.values()) / len(result), n=len(examples), normalize=normalize)
     if return_predictions:
