@@ -2,7 +2,8 @@
 
 Public API (stable):
 
-    score_candidates(model, tokenizer, requests, *, batch_size=8, max_length=None, device=None, group=None)
+    score_candidates(model, tokenizer, requests, *, batch_size=8, max_length=None, device=None, group=None,
+                     add_eos=False)
         -> list[list[tuple[float, int]]]
     pick(scores, normalize="sum", candidates=None) -> int
     NORMALIZATIONS = ("sum", "token", "char")
@@ -18,8 +19,11 @@ Tokenisation: the context is tokenised with the tokenizer's special tokens (a BO
 one), the continuation without, separately, and the ids are concatenated. Put the separating space at the
 start of the continuation (``" yes"``), as the SuperGLUE templates do. A context that tokenises to nothing
 is replaced by the BOS (or else EOS) token, so the first continuation token is always conditioned on
-something. Sequences longer than ``max_length`` (default: the model's ``max_position_embeddings``) lose
-context tokens from the left; a continuation that does not fit alone is an error.
+something. ``add_eos`` appends the tokenizer's EOS (if it has one) to every continuation, scored and counted
+like its other tokens. A context + continuation longer than ``max_length`` tokens (default: the model's
+``max_position_embeddings``) loses context tokens from the left; a continuation that does not fit alone is
+an error. Both rules are those of ``lomo_trainer.data``'s prompt/completion training examples (which end
+with EOS), so ``add_eos=True`` with the training ``max_length`` scores exactly the sequences trained on.
 
 Distributed: when ``torch.distributed`` is initialised, every rank must pass the same ``requests``; each
 rank scores a share and the results are gathered, so every rank returns the full result and every
@@ -34,6 +38,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+
+from .data import keep_prompt_end
 
 NORMALIZATIONS = ("sum", "token", "char")
 
@@ -75,8 +81,9 @@ def _default_max_length(model) -> int | None:
     return getattr(getattr(module, "config", None), "max_position_embeddings", None)
 
 
-def _build_items(tokenizer, requests, max_length):
+def _build_items(tokenizer, requests, max_length, add_eos=False):
     """Flatten requests into (request, candidate, context ids, continuation ids)."""
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []  # as data.py
     fallback = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     items = []
     for r, request in enumerate(requests):
@@ -95,13 +102,12 @@ def _build_items(tokenizer, requests, max_length):
             cont = _ids(tokenizer, cand, special=False)
             if not cont:
                 raise ValueError(f"request {r} candidate {c} ({cand!r}) tokenises to nothing; drop it or give it text.")
+            cont = cont + eos
             if max_length is not None:
                 if len(cont) >= max_length:
                     raise ValueError(f"request {r} candidate {c}: {len(cont)} continuation tokens do not fit "
                                      f"max_length={max_length}; raise max_length or shorten the candidate.")
-                # the last token is never fed in, so ctx + cont may be max_length + 1 long
-                keep = max_length + 1 - len(cont)
-                ctx_c = ctx[-keep:] if len(ctx) > keep else ctx
+                ctx_c = keep_prompt_end(ctx, len(cont), max_length)
             else:
                 ctx_c = ctx
             items.append((r, c, ctx_c, cont))
@@ -131,14 +137,14 @@ def _score_batch(model, batch, device, pad_id, extra):
 
 
 def score_candidates(model, tokenizer, requests, *, batch_size: int = 8, max_length: int | None = None,
-                     device=None, group=None) -> list[list[tuple[float, int]]]:
+                     device=None, group=None, add_eos: bool = False) -> list[list[tuple[float, int]]]:
     """Score every continuation of every request; see the module docstring."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     device = torch.device(device) if device is not None else _default_device(model)
     max_length = max_length if max_length is not None else _default_max_length(model)
     requests = list(requests)
-    items = _build_items(tokenizer, requests, max_length)
+    items = _build_items(tokenizer, requests, max_length, add_eos)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out: any id will do
 
     distributed = dist.is_available() and dist.is_initialized()

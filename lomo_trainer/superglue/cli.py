@@ -262,7 +262,7 @@ def _train_and_evaluate(task, train_ex, eval_ex, run, targs_kwargs, args, method
     trainer = (_lora_trainer if method == "lora" else _lomo_trainer)(model, targs, data, tokenizer, run, args, lomo)
     out = trainer.train()
     result = evaluate(trainer.model, tokenizer, task.name, eval_ex, args.normalize,
-                      batch_size=targs.per_device_eval_batch_size, device=targs.device)
+                      batch_size=targs.per_device_eval_batch_size, max_length=run.max_length, device=targs.device)
     result.update(train_loss=out.training_loss, train_steps=out.global_step, n_train=len(train_ex))
     rank = targs.process_index
     _release(trainer)

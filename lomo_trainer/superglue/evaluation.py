@@ -40,7 +40,8 @@ def evaluate(model, tokenizer, task: str, examples: list[dict], normalize: str =
     t = get_task(task)
     if not examples:
         raise ValueError(f"no {t.dirname} examples to evaluate; check the split and the subsample size.")
-    choices, per_example = predict(model, tokenizer, t.name, examples, normalize,
+    # add_eos: candidates are scored as training records are trained (data.py appends EOS to completions)
+    choices, per_example = predict(model, tokenizer, t.name, examples, normalize, add_eos=True,
                                    batch_size=batch_size, max_length=max_length, device=device)
     if t.name == "record":
         preds = [ex["entities"][c[0]] if c[0] is not None else "" for ex, c in zip(examples, choices)]
