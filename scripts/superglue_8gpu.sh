@@ -4,7 +4,7 @@
 #
 # Hardware: 8 GPUs of 24 GB; CPU RAM >= 2 x the fp16 model size for loading (65B: ~260 GB). One process per
 #           GPU through the deepspeed launcher; every run is ZeRO-3 fp16 (configs/zero3_fp16.json).
-# Recipe:   configs/superglue/<task>_<size>_8x3090.json, the paper's: LOMO lr 0.03, global batch 16
+# Recipe:   configs/superglue/<size>_lomo_8x3090.json (one per size: task and output dir come from here), the paper's: LOMO lr 0.03, global batch 16
 #           (2 per GPU), 10 epochs, linear schedule with 10% warmup, norm clipping 1.0, activation
 #           checkpointing, 1000 training / 1000 validation examples per task (seed 0, the same examples
 #           for every method). LoRA: r 8, alpha 16, dropout 0.05 on q_proj,v_proj, AdamW lr 5e-4, same
@@ -43,10 +43,10 @@ common=(--report-to "${REPORT_TO:-none}")
 
 launch() { deepspeed --num_gpus "${NUM_GPUS:-8}" --module lomo_trainer.superglue "$@"; }
 
+config=configs/superglue/${size}_lomo_8x3090.json
+[ -f "$config" ] || { echo "no run config $config (sizes: 7b 13b 30b 65b)" >&2; exit 2; }
 results=()
 for task in $tasks; do
-  config=configs/superglue/${task}_${size}_8x3090.json
-  [ -f "$config" ] || { echo "no run config $config (sizes: 7b 13b 30b 65b)" >&2; exit 2; }
   for method in $methods; do
     dir=$out/$task/$method
     echo "=== llama-$size $task $method -> $dir"
