@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lomo_trainer.superglue import (TASKS, from_hub, from_jsonl, get_task, instances, load_task, tokenize_record,
+from lomo_trainer.superglue import (TASKS, from_hub, from_jsonl, get_task, instances, load_task, training_dataset,
                                     training_records)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "superglue"
@@ -151,18 +151,15 @@ def word_tokenizer(words):
                                    unk_token="<unk>"), vocab
 
 
-def test_tokenized_record_masks_the_prompt():
-    tok, v = word_tokenizer("the kettle whistled because water was boiling.".split())
-    out = tokenize_record({"prompt": "The kettle whistled because".lower(), "completion": " the water was boiling."},
-                          tok, add_eos=True)
-    prompt = [1, v["the"], v["kettle"], v["whistled"], v["because"]]
+def test_training_dataset_masks_the_prompt_and_ends_with_eos():
+    tok, v = word_tokenizer("the kettle whistled because water was boiling. girl dropped her ice cream so she "
+                            "started to cry.".split())
+    data = training_dataset("copa", load_task("copa", "train", FIXTURES)[:1], tok, max_length=512)
+    prompt = [1, v["<unk>"], v["kettle"], v["whistled"], v["because"]]  # "The" is not in the vocabulary
     completion = [v["the"], v["water"], v["was"], v["boiling."], 2]
-    assert out["input_ids"] == prompt + completion
-    assert out["labels"] == [-100] * 5 + completion
-    assert out["attention_mask"] == [1] * 10
-    cut = tokenize_record({"prompt": "the kettle whistled because", "completion": " the water"}, tok, max_length=4)
-    assert cut["input_ids"] == [v["whistled"], v["because"], v["the"], v["water"]]
-    assert cut["labels"] == [-100, -100, v["the"], v["water"]]
+    assert data[0]["input_ids"] == prompt + completion and data[0]["labels"] == [-100] * 5 + completion
+    cut = training_dataset("copa", load_task("copa", "train", FIXTURES)[:1], tok, max_length=6)
+    assert cut[0]["input_ids"] == [v["because"]] + completion  # the prompt loses its start, as in scoring
 
 
 def test_clear_errors(tmp_path):
