@@ -17,8 +17,8 @@
 #           training examples); global-norm clipping runs forward+backward twice per step. Rough guide,
 #           not measured here: 7B about 0.5-1 h per task for LOMO, 65B several hours per task; the
 #           evaluation of 1000 examples costs a few minutes (ReCoRD and MultiRC: more candidates).
-# Output:   outputs/superglue/llama-<size>/<task>/{zero-shot,lora,lomo}/results.{json,md} and
-#           outputs/superglue/llama-<size>/table.md (one row per method).
+# Output:   outputs/superglue/llama-<size>/<protocol>/<task>/{zero-shot,lora,lomo}/results.{json,md} and
+#           outputs/superglue/llama-<size>/<protocol>/table.md (one row per method).
 #
 # Usage:    bash scripts/superglue_8gpu.sh 7b [--key value ...]     # 7b | 13b | 30b | 65b
 #           Extra arguments go to every finetune/lora command (superglue flags or run-config overrides).
@@ -29,16 +29,19 @@
 #   REPORT_TO=wandb bash scripts/superglue_8gpu.sh 7b                 # results to wandb too
 #   bash scripts/superglue_8gpu.sh 7b --deepspeed configs/zero3_bf16.json --fp16 false --bf16 true
 #   bash scripts/superglue_8gpu.sh 30b --n-train 500 --n-eval 500
+#   PROTOCOL=paper bash scripts/superglue_8gpu.sh 7b                  # the paper's protocol (no CB)
 # One process per task and method: a fresh DeepSpeed engine and a fully released GPU for each run (one
 # command can also loop over tasks: --tasks cb,copa with a single config).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=${1:?usage: $0 7b|13b|30b|65b [--key value ...]}
 shift
-tasks=${TASKS:-boolq cb copa multirc record rte wic wsc}
+default_tasks="boolq cb copa multirc record rte wic wsc"
+[ "${PROTOCOL:-standard}" = paper ] && default_tasks="boolq copa multirc record rte wic wsc"
+tasks=${TASKS:-$default_tasks}
 methods=${METHODS:-zero-shot lora lomo}
-out=outputs/superglue/llama-$size
-common=(--report-to "${REPORT_TO:-none}")
+out=outputs/superglue/llama-$size/${PROTOCOL:-standard}
+common=(--report-to "${REPORT_TO:-none}" --protocol "${PROTOCOL:-standard}")
 [ -n "${DATA_DIR:-}" ] && common+=(--data-dir "$DATA_DIR")
 
 launch() { deepspeed --num_gpus "${NUM_GPUS:-8}" --module lomo_trainer.superglue "$@"; }
@@ -51,7 +54,7 @@ for task in $tasks; do
     dir=$out/$task/$method
     echo "=== llama-$size $task $method -> $dir"
     case $method in
-      zero-shot) launch finetune --no-train --config "$config" --tasks "$task" "${common[@]}" --output_dir "$dir" "$@" ;;
+      zero-shot) launch zero-shot --config "$config" --tasks "$task" "${common[@]}" --output_dir "$dir" "$@" ;;
       lora)      launch lora --config "$config" --tasks "$task" "${common[@]}" --output_dir "$dir" "$@" ;;
       lomo)      launch finetune --config "$config" --tasks "$task" "${common[@]}" --output_dir "$dir" "$@" ;;
       *) echo "unknown method $method (zero-shot lora lomo)" >&2; exit 2 ;;

@@ -112,3 +112,26 @@ def test_paper_protocol_runs_and_never_shares_a_column(tmp_path):
     assert md.splitlines()[2].split(" | ")[2] == "–" and md.splitlines()[3].split(" | ")[1] == "–"
     with pytest.raises(SystemExit):
         main(["finetune", "--config", CONFIG, "--tasks", "cb", "--protocol", "paper"])  # the paper's code has no CB
+
+
+def readme_commands():
+    """The SuperGLUE section's command lines, as the README writes them."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text[text.index("## SuperGLUE"):text.index("## Compatibility")]
+    return [line.strip().split("  #")[0].strip() for line in section.splitlines()
+            if line.strip().startswith("python -m lomo_trainer.superglue")]
+
+
+def test_readme_cpu_command_runs_as_one_plain_process(tmp_path):
+    """No launcher, no torchrun: DeepSpeed must not fall back to MPI discovery (mpi4py)."""
+    import subprocess
+    import sys
+
+    (cmd,) = [c for c in readme_commands() if "tiny_cpu.json" in c and " finetune " in c]
+    argv = cmd.split()[1:]  # "python" -> this interpreter
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, *argv, "--output_dir", str(tmp_path), "--max_steps", "1"], cwd=ROOT,
+                          env={**env, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.load(open(tmp_path / "results.json"))
+    assert set(saved["tasks"]) == {"cb", "copa"} and saved["protocol"] == "standard"

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", help="run config: the model sharded as its DeepSpeed JSON says")
     z.add_argument("--tokenizer", help="tokenizer path (default: --model)")
     z.add_argument("--split", default="validation", choices=("train", "validation", "val"))
-    z.add_argument("--n", type=int, help="examples per task, drawn with --sample-seed (default 1000; -1: all)")
+    z.add_argument("--n", "--n-eval", dest="n", type=int,
+                   help="examples per task, drawn with --sample-seed (default 1000; -1: all)")
+    z.add_argument("--n-train", type=int, help=argparse.SUPPRESS)  # ignored: lets one flag set serve every method
     z.add_argument("--batch-size", type=int, default=8)
     z.add_argument("--max-length", type=int, help="tokens per sequence (default: the protocol's, else the model's)")
     z.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
