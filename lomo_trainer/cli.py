@@ -354,8 +354,9 @@ def choice_accuracy(trainer, tokenizer, run: RunArguments) -> float:
     if missing:
         raise ConfigError(f"validation completion {missing[0]!r} is not among eval_choices {choices}")
     requests = [(r[run.prompt_column], choices) for r in rows]
+    # scored as trained: completion + EOS, truncated to the training max_length
     scores = score_candidates(trainer.model, tokenizer, requests, batch_size=trainer.args.per_device_eval_batch_size,
-                              device=trainer.args.device)
+                              device=trainer.args.device, max_length=run.max_length, add_eos=True)
     right = sum(pick(s) == choices.index(r[run.completion_column]) for s, r in zip(scores, rows))
     return right / max(len(rows), 1)
 

@@ -331,20 +331,25 @@ def _assemble(pairs, max_length) -> dict:
     """(prompt ids, completion ids) pairs -> input_ids/attention_mask/labels, truncated to max_length."""
     out = {"input_ids": [], "attention_mask": [], "labels": []}
     for prompt, completion in pairs:
-        room = max_length - len(completion)
-        if room < len(prompt):
-            if room >= 1:
-                prompt = prompt[len(prompt) - room:]  # drop the prompt's start: the completion survives
-            else:
-                # The completion alone is too long: keep the prompt's last token (it predicts the first
-                # completion token) and cut the completion's end.
-                prompt = prompt[-1:]
-                completion = completion[:max_length - len(prompt)]
+        if len(completion) < max_length:
+            prompt = keep_prompt_end(prompt, len(completion), max_length)  # the completion survives
+        else:
+            # The completion alone is too long: keep the prompt's last token (it predicts the first
+            # completion token) and cut the completion's end.
+            prompt = prompt[-1:]
+            completion = completion[:max_length - len(prompt)]
         ids = prompt + completion
         out["input_ids"].append(ids)
         out["attention_mask"].append([1] * len(ids))
         out["labels"].append([IGNORE_INDEX] * len(prompt) + completion)
     return out
+
+
+def keep_prompt_end(prompt: list, n_completion: int, max_length: int) -> list:
+    """The prompt's last tokens that fit before ``n_completion`` tokens in ``max_length``: the one truncation
+    rule of training and of ``ranking`` (which scores candidates exactly as they were trained)."""
+    room = max_length - n_completion
+    return prompt[len(prompt) - room:] if room < len(prompt) else prompt
 
 
 def _prepare(ds, tokenize, max_samples, seed):

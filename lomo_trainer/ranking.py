@@ -2,8 +2,12 @@
 
 Public API (stable):
 
-    score_candidates(model, tokenizer, requests, *, batch_size=8, max_length=None, device=None, group=None)
+    score_candidates(model, tokenizer, requests, *, batch_size=8, max_length=None, device=None, group=None,
+                     add_eos=False)
         -> list[list[tuple[float, int]]]
+    score_pairs(model, [(context ids, continuation ids), ...], *, pad_id=None, batch_size=8, device=None,
+                group=None) -> list[float]
+    encode_pair(tokenizer, context, continuation, max_length, add_eos=False) -> (context ids, continuation ids)
     pick(scores, normalize="sum", candidates=None) -> int
     NORMALIZATIONS = ("sum", "token", "char")
 
@@ -18,8 +22,11 @@ Tokenisation: the context is tokenised with the tokenizer's special tokens (a BO
 one), the continuation without, separately, and the ids are concatenated. Put the separating space at the
 start of the continuation (``" yes"``), as the SuperGLUE templates do. A context that tokenises to nothing
 is replaced by the BOS (or else EOS) token, so the first continuation token is always conditioned on
-something. Sequences longer than ``max_length`` (default: the model's ``max_position_embeddings``) lose
-context tokens from the left; a continuation that does not fit alone is an error.
+something. ``add_eos`` appends the tokenizer's EOS (if it has one) to every continuation, scored and counted
+like its other tokens. A context + continuation longer than ``max_length`` tokens (default: the model's
+``max_position_embeddings``) loses context tokens from the left; a continuation that does not fit alone is
+an error. Both rules are those of ``lomo_trainer.data``'s prompt/completion training examples (which end
+with EOS), so ``add_eos=True`` with the training ``max_length`` scores exactly the sequences trained on.
 
 Distributed: when ``torch.distributed`` is initialised, every rank must pass the same ``requests``; each
 rank scores a share and the results are gathered, so every rank returns the full result and every
@@ -34,6 +41,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+
+from .data import keep_prompt_end
 
 NORMALIZATIONS = ("sum", "token", "char")
 
@@ -75,9 +84,29 @@ def _default_max_length(model) -> int | None:
     return getattr(getattr(module, "config", None), "max_position_embeddings", None)
 
 
-def _build_items(tokenizer, requests, max_length):
+def encode_pair(tokenizer, context: str, continuation: str, max_length: int | None, add_eos: bool = False):
+    """(context ids, continuation ids) as scored and as ``lomo_trainer.data`` trains them; see the module doc."""
+    ctx = _ids(tokenizer, context, special=True)
+    if not ctx:
+        fallback = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if fallback is None:
+            raise ValueError("empty context and the tokenizer has no BOS/EOS token to condition on.")
+        ctx = [fallback]
+    cont = _ids(tokenizer, continuation, special=False)
+    if not cont:
+        raise ValueError(f"candidate {continuation!r} tokenises to nothing; drop it or give it text.")
+    if add_eos and tokenizer.eos_token_id is not None:  # as data.py: EOS only where the tokenizer has one
+        cont.append(tokenizer.eos_token_id)
+    if max_length is not None:
+        if len(cont) >= max_length:
+            raise ValueError(f"candidate {continuation!r}: {len(cont)} continuation tokens do not fit "
+                             f"max_length={max_length}; raise max_length or shorten the candidate.")
+        ctx = keep_prompt_end(ctx, len(cont), max_length)
+    return ctx, cont
+
+
+def _build_items(tokenizer, requests, max_length, add_eos=False):
     """Flatten requests into (request, candidate, context ids, continuation ids)."""
-    fallback = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     items = []
     for r, request in enumerate(requests):
         try:
@@ -86,25 +115,12 @@ def _build_items(tokenizer, requests, max_length):
             raise ValueError(f"request {r} is not a (context, [candidates]) pair: {request!r}") from None
         if isinstance(candidates, str):
             raise ValueError(f"request {r}: candidates must be a list of strings, not the string {candidates!r}.")
-        ctx = _ids(tokenizer, context, special=True)
-        if not ctx:
-            if fallback is None:
-                raise ValueError(f"request {r}: empty context and the tokenizer has no BOS/EOS token to condition on.")
-            ctx = [fallback]
         for c, cand in enumerate(candidates):
-            cont = _ids(tokenizer, cand, special=False)
-            if not cont:
-                raise ValueError(f"request {r} candidate {c} ({cand!r}) tokenises to nothing; drop it or give it text.")
-            if max_length is not None:
-                if len(cont) >= max_length:
-                    raise ValueError(f"request {r} candidate {c}: {len(cont)} continuation tokens do not fit "
-                                     f"max_length={max_length}; raise max_length or shorten the candidate.")
-                # the last token is never fed in, so ctx + cont may be max_length + 1 long
-                keep = max_length + 1 - len(cont)
-                ctx_c = ctx[-keep:] if len(ctx) > keep else ctx
-            else:
-                ctx_c = ctx
-            items.append((r, c, ctx_c, cont))
+            try:
+                ctx, cont = encode_pair(tokenizer, context, cand, max_length, add_eos)
+            except ValueError as e:
+                raise ValueError(f"request {r} candidate {c}: {e}") from None
+            items.append((r, c, ctx, cont))
     return items
 
 
@@ -131,16 +147,27 @@ def _score_batch(model, batch, device, pad_id, extra):
 
 
 def score_candidates(model, tokenizer, requests, *, batch_size: int = 8, max_length: int | None = None,
-                     device=None, group=None) -> list[list[tuple[float, int]]]:
+                     device=None, group=None, add_eos: bool = False) -> list[list[tuple[float, int]]]:
     """Score every continuation of every request; see the module docstring."""
+    max_length = max_length if max_length is not None else _default_max_length(model)
+    requests = list(requests)
+    items = _build_items(tokenizer, requests, max_length, add_eos)
+    logprob = score_pairs(model, [(ctx, cont) for _, _, ctx, cont in items], pad_id=tokenizer.pad_token_id,
+                          batch_size=batch_size, device=device, group=group)
+    results: list[list[tuple[float, int]]] = [[] for _ in requests]
+    for i, (r, _, _, cont) in enumerate(items):  # items are in (request, candidate) order
+        results[r].append((logprob[i], len(cont)))
+    return results
+
+
+def score_pairs(model, pairs, *, pad_id=None, batch_size: int = 8, device=None, group=None) -> list[float]:
+    """Summed log-likelihood of each ``(context ids, continuation ids)`` pair's continuation, distributed as
+    ``score_candidates`` (every rank passes the same pairs). An empty continuation scores 0."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     device = torch.device(device) if device is not None else _default_device(model)
-    max_length = max_length if max_length is not None else _default_max_length(model)
-    requests = list(requests)
-    items = _build_items(tokenizer, requests, max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out: any id will do
-
+    items = list(pairs)
+    pad_id = pad_id if pad_id is not None else 0  # masked out: any id will do
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size(group) if distributed else 1
     rank = dist.get_rank(group) if distributed else 0
@@ -148,10 +175,10 @@ def score_candidates(model, tokenizer, requests, *, batch_size: int = 8, max_len
         counts = torch.tensor([len(items), -len(items)], dtype=torch.long, device=device)
         dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
         if counts[0].item() != -counts[1].item():
-            raise ValueError("score_candidates: ranks passed different requests; every rank must pass the same list.")
+            raise ValueError("score_pairs: ranks passed different requests; every rank must pass the same list.")
 
     # Longest first (fewer pad tokens per batch), then a strided share per rank: deterministic on every rank.
-    order = sorted(range(len(items)), key=lambda i: (-(len(items[i][2]) + len(items[i][3])), i))
+    order = sorted(range(len(items)), key=lambda i: (-(len(items[i][0]) + len(items[i][1])), i))
     mine = order[rank::world]
     n_batches = math.ceil(len(mine) / batch_size)
     if distributed:
@@ -168,7 +195,7 @@ def score_candidates(model, tokenizer, requests, *, batch_size: int = 8, max_len
         for b in range(n_batches):
             chunk = mine[b * batch_size:(b + 1) * batch_size]
             if chunk:
-                local.extend(_score_batch(model, [(items[i][2], items[i][3]) for i in chunk], device, pad_id, extra))
+                local.extend(_score_batch(model, [items[i] for i in chunk], device, pad_id, extra))
             else:  # dummy batch: keeps ZeRO-3's collective parameter gathers in step across ranks
                 _score_batch(model, [([pad_id], [pad_id])], device, pad_id, extra)
     finally:
@@ -189,7 +216,4 @@ def score_candidates(model, tokenizer, requests, *, batch_size: int = 8, max_len
         for j, i in enumerate(mine):
             logprob[i] = local[j]
 
-    results: list[list[tuple[float, int]]] = [[] for _ in requests]
-    for i, (r, _, _, cont) in enumerate(items):  # items are in (request, candidate) order
-        results[r].append((logprob[i], len(cont)))
-    return results
+    return logprob

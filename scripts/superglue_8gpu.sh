@@ -4,7 +4,7 @@
 #
 # Hardware: 8 GPUs of 24 GB; CPU RAM >= 2 x the fp16 model size for loading (65B: ~260 GB). One process per
 #           GPU through the deepspeed launcher; every run is ZeRO-3 fp16 (configs/zero3_fp16.json).
-# Recipe:   configs/superglue/<task>_<size>_8x3090.json, the paper's: LOMO lr 0.03, global batch 16
+# Recipe:   configs/superglue/<size>_lomo_8x3090.json (one per size: task and output dir come from here), the paper's: LOMO lr 0.03, global batch 16
 #           (2 per GPU), 10 epochs, linear schedule with 10% warmup, norm clipping 1.0, activation
 #           checkpointing, 1000 training / 1000 validation examples per task (seed 0, the same examples
 #           for every method). LoRA: r 8, alpha 16, dropout 0.05 on q_proj,v_proj, AdamW lr 5e-4, same
@@ -17,8 +17,8 @@
 #           training examples); global-norm clipping runs forward+backward twice per step. Rough guide,
 #           not measured here: 7B about 0.5-1 h per task for LOMO, 65B several hours per task; the
 #           evaluation of 1000 examples costs a few minutes (ReCoRD and MultiRC: more candidates).
-# Output:   outputs/superglue/llama-<size>/<task>/{zero-shot,lora,lomo}/results.{json,md} and
-#           outputs/superglue/llama-<size>/table.md (one row per method).
+# Output:   outputs/superglue/llama-<size>/<protocol>/<task>/{zero-shot,lora,lomo}/results.{json,md} and
+#           outputs/superglue/llama-<size>/<protocol>/table.md (one row per method).
 #
 # Usage:    bash scripts/superglue_8gpu.sh 7b [--key value ...]     # 7b | 13b | 30b | 65b
 #           Extra arguments go to every finetune/lora command (superglue flags or run-config overrides).
@@ -29,29 +29,32 @@
 #   REPORT_TO=wandb bash scripts/superglue_8gpu.sh 7b                 # results to wandb too
 #   bash scripts/superglue_8gpu.sh 7b --deepspeed configs/zero3_bf16.json --fp16 false --bf16 true
 #   bash scripts/superglue_8gpu.sh 30b --n-train 500 --n-eval 500
+#   PROTOCOL=paper bash scripts/superglue_8gpu.sh 7b                  # the paper's protocol (no CB)
 # One process per task and method: a fresh DeepSpeed engine and a fully released GPU for each run (one
 # command can also loop over tasks: --tasks cb,copa with a single config).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=${1:?usage: $0 7b|13b|30b|65b [--key value ...]}
 shift
-tasks=${TASKS:-boolq cb copa multirc record rte wic wsc}
+default_tasks="boolq cb copa multirc record rte wic wsc"
+[ "${PROTOCOL:-standard}" = paper ] && default_tasks="boolq copa multirc record rte wic wsc"
+tasks=${TASKS:-$default_tasks}
 methods=${METHODS:-zero-shot lora lomo}
-out=outputs/superglue/llama-$size
-common=(--report-to "${REPORT_TO:-none}")
+out=outputs/superglue/llama-$size/${PROTOCOL:-standard}
+common=(--report-to "${REPORT_TO:-none}" --protocol "${PROTOCOL:-standard}")
 [ -n "${DATA_DIR:-}" ] && common+=(--data-dir "$DATA_DIR")
 
 launch() { deepspeed --num_gpus "${NUM_GPUS:-8}" --module lomo_trainer.superglue "$@"; }
 
+config=configs/superglue/${size}_lomo_8x3090.json
+[ -f "$config" ] || { echo "no run config $config (sizes: 7b 13b 30b 65b)" >&2; exit 2; }
 results=()
 for task in $tasks; do
-  config=configs/superglue/${task}_${size}_8x3090.json
-  [ -f "$config" ] || { echo "no run config $config (sizes: 7b 13b 30b 65b)" >&2; exit 2; }
   for method in $methods; do
     dir=$out/$task/$method
     echo "=== llama-$size $task $method -> $dir"
     case $method in
-      zero-shot) launch finetune --no-train --config "$config" --tasks "$task" "${common[@]}" --output_dir "$dir" "$@" ;;
+      zero-shot) launch zero-shot --config "$config" --tasks "$task" "${common[@]}" --output_dir "$dir" "$@" ;;
       lora)      launch lora --config "$config" --tasks "$task" "${common[@]}" --output_dir "$dir" "$@" ;;
       lomo)      launch finetune --config "$config" --tasks "$task" "${common[@]}" --output_dir "$dir" "$@" ;;
       *) echo "unknown method $method (zero-shot lora lomo)" >&2; exit 2 ;;

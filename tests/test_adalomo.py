@@ -330,13 +330,14 @@ def test_side_by_side_with_lomo_optim():
 
 def test_superglue_finetune_optimizer_adalomo_turns_the_lomo_block_into_adalomo():
     from lomo_trainer.config import validate
-    from lomo_trainer.superglue.cli import _run_config, build_parser
+    from lomo_trainer.superglue.cli import build_parser
+    from lomo_trainer.superglue.runconfig import run_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args, rest = build_parser().parse_known_args(["finetune", "--config", os.path.join(root, "configs", "superglue",
                                                   "tiny_cpu.json"), "--optimizer", "adalomo"])
     args.overrides = rest
-    _, targs_kwargs, lomo = _run_config(args, "lomo")
+    _, targs_kwargs, lomo = run_config(args, "lomo")
     assert lomo.optimizer == "adalomo" and targs_kwargs["deepspeed"]["optimizer"]["type"] == "AdaLomo"
     from transformers import TrainingArguments
     targs = TrainingArguments(**{k: v for k, v in targs_kwargs.items() if k != "deepspeed"})

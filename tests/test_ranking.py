@@ -67,8 +67,8 @@ def test_scores_match_direct_forward():
 def test_max_length_drops_context_from_the_left():
     model, tok = tiny_llama(), tokenizer()
     ctx, cand = "a red dog ran on the mat is it", " true"
-    (lp, n), = score_candidates(model, tok, [(ctx, [cand])], max_length=4)[0]
-    # max_length counts the tokens fed in: the last 4 context tokens, predicting "true"
+    (lp, n), = score_candidates(model, tok, [(ctx, [cand])], max_length=5)[0]
+    # max_length counts context + continuation, as a training example: the last 4 context tokens + "true"
     ids = torch.tensor([[VOCAB["the"], VOCAB["mat"], VOCAB["is"], VOCAB["it"]]])
     with torch.no_grad():
         model.eval()
@@ -76,6 +76,19 @@ def test_max_length_drops_context_from_the_left():
     assert n == 1 and lp == pytest.approx(exp, abs=1e-5)
     with pytest.raises(ValueError, match="max_length"):
         score_candidates(model, tok, [("the", [" the cat sat on a"])], max_length=3)
+
+
+def test_add_eos_scores_the_eos_too():
+    model, tok = tiny_llama(), tokenizer()
+    tok.eos_token = "sea"  # any id: what matters is that it is appended, scored and counted
+    eos = VOCAB["sea"]
+    (lp, n), = score_candidates(model, tok, [("is it", [" true"])], add_eos=True)[0]
+    ids = torch.tensor([[1, VOCAB["is"], VOCAB["it"], VOCAB["true"]]])
+    with torch.no_grad():
+        model.eval()
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    assert n == 2 and lp == pytest.approx(logp[2, VOCAB["true"]].item() + logp[3, eos].item(), abs=1e-5)
+    assert score_candidates(model, tok, [("is it", [" true"])])[0][0][1] == 1  # default: no EOS
 
 
 def test_pick_normalisations_and_ties():

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lomo_trainer.superglue import (TASKS, from_hub, from_jsonl, get_task, instances, load_task, tokenize_record,
+from lomo_trainer.superglue import (TASKS, from_hub, from_jsonl, get_task, instances, load_task, training_dataset,
                                     training_records)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "superglue"
@@ -151,18 +151,15 @@ def word_tokenizer(words):
                                    unk_token="<unk>"), vocab
 
 
-def test_tokenized_record_masks_the_prompt():
-    tok, v = word_tokenizer("the kettle whistled because water was boiling.".split())
-    out = tokenize_record({"prompt": "The kettle whistled because".lower(), "completion": " the water was boiling."},
-                          tok, add_eos=True)
-    prompt = [1, v["the"], v["kettle"], v["whistled"], v["because"]]
+def test_training_dataset_masks_the_prompt_and_ends_with_eos():
+    tok, v = word_tokenizer("the kettle whistled because water was boiling. girl dropped her ice cream so she "
+                            "started to cry.".split())
+    data = training_dataset("copa", load_task("copa", "train", FIXTURES)[:1], tok, max_length=512)
+    prompt = [1, v["<unk>"], v["kettle"], v["whistled"], v["because"]]  # "The" is not in the vocabulary
     completion = [v["the"], v["water"], v["was"], v["boiling."], 2]
-    assert out["input_ids"] == prompt + completion
-    assert out["labels"] == [-100] * 5 + completion
-    assert out["attention_mask"] == [1] * 10
-    cut = tokenize_record({"prompt": "the kettle whistled because", "completion": " the water"}, tok, max_length=4)
-    assert cut["input_ids"] == [v["whistled"], v["because"], v["the"], v["water"]]
-    assert cut["labels"] == [-100, -100, v["the"], v["water"]]
+    assert data[0]["input_ids"] == prompt + completion and data[0]["labels"] == [-100] * 5 + completion
+    cut = training_dataset("copa", load_task("copa", "train", FIXTURES)[:1], tok, max_length=6)
+    assert cut[0]["input_ids"] == [v["because"]] + completion  # the prompt loses its start, as in scoring
 
 
 def test_clear_errors(tmp_path):
@@ -218,3 +215,31 @@ def test_hub_path_asks_for_the_right_config_and_split(monkeypatch):
     assert load_task("cb", "val") == from_jsonl("cb", [jsonl("CB")[1]])
     load_task("WSC", "train", hub_repo="aps/super_glue")
     assert calls == [("super_glue", "cb", "validation"), ("aps/super_glue", "wsc.fixed", "train")]
+
+
+@pytest.mark.parametrize("max_length", [512, 9])
+def test_scored_sequences_are_the_trained_ones(tmp_path, max_length):
+    """Every gold candidate is scored on exactly the tokens its training example holds: same EOS, same cut."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from lomo_trainer.data import IGNORE_INDEX, build_datasets
+    from lomo_trainer.ranking import _build_items
+
+    records = training_records("rte", load_task("rte", "train", FIXTURES)) + \
+        training_records("copa", load_task("copa", "train", FIXTURES))
+    words = sorted({w for r in records for w in (r["prompt"] + r["completion"]).split()})
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    trained = build_datasets(tok, train_file=str(path), max_length=max_length)["train"]
+    items = _build_items(tok, [(r["prompt"], [r["completion"]]) for r in records], max_length, add_eos=True)
+    assert len(trained) == len(items)
+    for row, (_, _, ctx, cont) in zip(trained, items):
+        assert row["input_ids"] == ctx + cont and cont[-1] == 2
+        assert row["labels"] == [IGNORE_INDEX] * len(ctx) + cont
+    assert max_length > 100 or any(len(ctx) < 5 for *_, ctx, _ in items), "the short max_length must cut"

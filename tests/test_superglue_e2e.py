@@ -41,11 +41,16 @@ def test_zero_shot_lomo_lora_then_table(tmp_path, monkeypatch):
     returned = run_ranks(superglue, 2, "finetune", lomo, "cb,copa")
     saved = check_results(lomo, "lomo", {"cb": ("accuracy", "f1"), "copa": ("accuracy",)}, returned)
     assert saved["tasks"]["cb"]["train_steps"] == 2 and saved["tasks"]["cb"]["n"] == 4  # the whole fixture val
-    assert os.path.isfile(os.path.join(lomo, "cb", "train.jsonl"))
+    assert not os.path.exists(os.path.join(lomo, "cb", "train.jsonl")), "records stay in memory"
+    cb = saved["tasks"]["cb"]
+    # evaluated after every epoch (eval_strategy epoch through the Trainer): best and last kept, last = final model
+    assert len(cb["epochs"]) >= 1 and cb["selected"] == "last" and cb["last"]["step"] == cb["train_steps"]
+    assert cb["best"]["score"] == max(e["score"] for e in cb["epochs"]) and cb["accuracy"] == cb["last"]["accuracy"]
     assert "| tiny-llama LOMO |" in open(os.path.join(lomo, "results.md")).read()
 
-    run_ranks(superglue, 2, "finetune", zero, "cb", "--no-train")
+    run_ranks(superglue, 2, "zero-shot", zero, "cb")
     assert json.load(open(os.path.join(zero, "results.json")))["tasks"]["cb"]["train_steps"] == 0
+    assert json.load(open(os.path.join(zero, "results.json")))["tasks"]["cb"]["epochs"][0]["step"] == 0
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -84,3 +89,49 @@ def test_bad_run_config_is_one_line(tmp_path, capsys):
         main(["finetune", "--config", str(bad), "--tasks", "cb"])
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "train_file is set" in err
+
+
+def test_paper_protocol_runs_and_never_shares_a_column(tmp_path):
+    """--protocol paper: accuracy only, the best epoch on top, the protocol named in the results and the name."""
+    paper = str(tmp_path / "paper")
+    (saved,) = run_ranks(superglue, 1, "finetune", paper, "multirc,record", "--protocol", "paper",
+                         "--num_train_epochs", "2", "--max_steps", "-1")
+    assert saved["protocol"] == "paper" and saved["name"] == "tiny-llama LOMO (paper)"
+    for task in ("multirc", "record"):
+        r = saved["tasks"][task]
+        assert r["selected"] == "best" and set(r) >= {"accuracy", "best", "last", "epochs"} and "f1" not in r
+        assert len(r["epochs"]) == 2 and r["accuracy"] == r["best"]["accuracy"]
+    assert saved["tasks"]["multirc"]["n"] == 7  # answer options (3 + 2 + 2), not the 3 questions
+    from lomo_trainer.superglue.cli import main
+
+    standard = tmp_path / "standard.json"
+    standard.write_text(json.dumps({"name": "tiny-llama LOMO", "tasks": {"multirc": {"f1a": 0.5, "em": 0.25, "score": 0.375}}}))
+    md = main(["table", str(standard), os.path.join(paper, "results.json")])
+    header = md.splitlines()[0]
+    assert "MultiRC (F1a/EM)" not in header and "MultiRC standard (F1a/EM)" in header and "MultiRC paper (acc)" in header
+    assert md.splitlines()[2].split(" | ")[2] == "–" and md.splitlines()[3].split(" | ")[1] == "–"
+    with pytest.raises(SystemExit):
+        main(["finetune", "--config", CONFIG, "--tasks", "cb", "--protocol", "paper"])  # the paper's code has no CB
+
+
+def readme_commands():
+    """The SuperGLUE section's command lines, as the README writes them."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text[text.index("## SuperGLUE"):text.index("## Compatibility")]
+    return [line.strip().split("  #")[0].strip() for line in section.splitlines()
+            if line.strip().startswith("python -m lomo_trainer.superglue")]
+
+
+def test_readme_cpu_command_runs_as_one_plain_process(tmp_path):
+    """No launcher, no torchrun: DeepSpeed must not fall back to MPI discovery (mpi4py)."""
+    import subprocess
+    import sys
+
+    (cmd,) = [c for c in readme_commands() if "tiny_cpu.json" in c and " finetune " in c]
+    argv = cmd.split()[1:]  # "python" -> this interpreter
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, *argv, "--output_dir", str(tmp_path), "--max_steps", "1"], cwd=ROOT,
+                          env={**env, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.load(open(tmp_path / "results.json"))
+    assert set(saved["tasks"]) == {"cb", "copa"} and saved["protocol"] == "standard"

@@ -24,10 +24,10 @@ def test_accuracy():
 
 def test_cb_macro_f1():
     # class 0: TP 1 FP 1 FN 1 -> 1/2; class 1: TP 1 FP 1 FN 0 -> 2/3; class 2: TP 2 FP 0 FN 1 -> 4/5
-    assert macro_f1([0, 1, 1, 2, 2, 0], [0, 0, 1, 2, 2, 2]) == pytest.approx((1 / 2 + 2 / 3 + 4 / 5) / 3)
-    # a class in neither golds nor predictions (2) does not count; one only predicted (1) counts as 0
-    assert macro_f1([0, 1], [0, 0]) == pytest.approx((2 / 3 + 0) / 2)
-    assert macro_f1([2, 2], [2, 2]) == 1.0
+    assert macro_f1([0, 1, 1, 2, 2, 0], [0, 0, 1, 2, 2, 2], 3) == pytest.approx((1 / 2 + 2 / 3 + 4 / 5) / 3)
+    # every class counts: one only predicted (1) and one in neither (2) both score 0 (official CB F1)
+    assert macro_f1([0, 1], [0, 0], 3) == pytest.approx((2 / 3 + 0 + 0) / 3)
+    assert macro_f1([2, 2], [2, 2], 3) == pytest.approx(1 / 3)
 
 
 def test_binary_f1_without_positives_is_zero():
@@ -60,10 +60,10 @@ def test_token_f1_and_exact_match():
     assert token_f1("Pell", "Tam") == 0.0
 
 
-def test_empty_predictions_squad_convention():
+def test_empty_answers_official_record_convention():
     assert token_f1("", "Quarn") == 0.0
     assert token_f1("Quarn", "the") == 0.0  # the gold normalises to nothing
-    assert token_f1("the", "") == 1.0 and exact_match("A", "the") == 1.0  # both empty
+    assert token_f1("the", "") == 0.0 and exact_match("A", "the") == 1.0  # both empty: F1 0, EM 1 (ReCoRD v1.0)
     assert exact_match("", "Quarn") == 0.0
 
 

@@ -1,15 +1,17 @@
 """SuperGLUE metrics, written from their definitions (no sklearn, no `evaluate`).
 
 - ``accuracy``: fraction of predictions equal to the gold label.
-- ``macro_f1``: mean over classes of F1 = 2TP / (2TP + FP + FN), over the classes that occur in the gold
-  labels or the predictions (sklearn's ``f1_score(average="macro")`` without ``labels``), as for CB.
+- ``macro_f1``: mean over the classes ``0 .. num_classes - 1`` of F1 = 2TP / (2TP + FP + FN), a class with no
+  true positive scoring 0 -- also one absent from both golds and predictions. This is CB's F1 in the
+  SuperGLUE baselines: jiant's CommitmentBank scheme (per-class binary F1, averaged over the 3 classes) and
+  T5's ``mean_multiclass_f1(num_classes=3)`` (sklearn ``fbeta_score(labels=range(3), average="macro")``).
 - ``binary_f1``: F1 of the positive class; 0.0 when there is no positive gold or predicted (sklearn's
   ``zero_division=0``). MultiRC's F1a is this over all answer options.
 - ``multirc_em``: fraction of question groups whose answer options are all predicted right.
 - ``squad_normalize``, ``token_f1``, ``exact_match``: SQuAD's answer normalisation (lowercase, drop
   punctuation, drop the articles a/an/the, collapse whitespace) and its token-overlap F1 / exact match.
-  By SQuAD (v2) convention an answer that normalises to nothing scores F1 1 against an empty gold and 0
-  against a non-empty one (and vice versa).
+  As in the official ReCoRD v1.0 script, F1 is 0 whenever no token is shared -- also when prediction and
+  gold both normalise to nothing (their exact match is then 1).
 - ``record_scores``: ReCoRD's F1 and EM, each the max over an example's gold answers, averaged.
 
 Every function returns floats in [0, 1] and raises on empty input, which has no meaningful score.
@@ -46,10 +48,13 @@ def binary_f1(preds: Sequence, golds: Sequence, positive=1) -> float:
     return _f1(tp, fp, fn)
 
 
-def macro_f1(preds: Sequence, golds: Sequence) -> float:
+def macro_f1(preds: Sequence, golds: Sequence, num_classes: int) -> float:
+    """Labels are class indices; every class counts, seen or not (a subsample may lack one)."""
     _check(preds, golds)
-    classes = sorted(set(golds) | set(preds), key=repr)
-    return sum(binary_f1(preds, golds, positive=c) for c in classes) / len(classes)
+    bad = [x for x in (*preds, *golds) if not (isinstance(x, int) and 0 <= x < num_classes)]
+    if bad:
+        raise ValueError(f"label {bad[0]!r} is not a class index in 0..{num_classes - 1}.")
+    return sum(binary_f1(preds, golds, positive=c) for c in range(num_classes)) / num_classes
 
 
 def multirc_em(preds: Sequence[Sequence], golds: Sequence[Sequence]) -> float:
@@ -79,8 +84,6 @@ def squad_normalize(text: str) -> str:
 
 def token_f1(pred: str, gold: str) -> float:
     p, g = squad_normalize(pred).split(), squad_normalize(gold).split()
-    if not p or not g:
-        return float(p == g)  # both empty: 1; one empty: 0
     same = sum((Counter(p) & Counter(g)).values())
     if same == 0:
         return 0.0

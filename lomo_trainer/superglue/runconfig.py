@@ -1,0 +1,79 @@
+"""A SuperGLUE run's settings: the lomo-train run config with its overrides, sample sizes, the results header."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .runs import METHOD_LABELS, lora_targets
+
+
+def run_config(args, method: str):
+    """RUN.json + overrides through lomo-train's parser; LOMO's DeepSpeed block is checked before any work."""
+    from ..cli import parse, prevalidate
+
+    run, targs_kwargs, lomo = parse([args.config, *args.overrides])
+    for key in ("train_file", "validation_file", "dataset_name"):
+        if getattr(run, key):
+            raise ValueError(f"{args.config}: {key} is set, but SuperGLUE runs build their own data from "
+                             "--data-dir or the hub; remove it.")
+    if method == "lora":
+        return run, lora_training_kwargs(targs_kwargs, args), lomo
+    if getattr(args, "optimizer", "lomo") == "adalomo":
+        targs_kwargs, lomo = _adalomo(targs_kwargs, lomo)
+    prevalidate(targs_kwargs, lomo)
+    return run, targs_kwargs, lomo
+
+
+def _adalomo(targs_kwargs: dict, lomo):
+    """--optimizer adalomo: the DeepSpeed JSON's optimizer block becomes AdaLomo (its params kept)."""
+    import dataclasses
+
+    from ..config import load_json
+
+    if targs_kwargs.get("deepspeed"):
+        ds = load_json(targs_kwargs["deepspeed"])
+        ds.setdefault("optimizer", {})["type"] = "AdaLomo"
+        targs_kwargs = dict(targs_kwargs, deepspeed=ds)  # TrainingArguments takes a dict
+    return targs_kwargs, dataclasses.replace(lomo, optimizer="adalomo")
+
+
+def lora_training_kwargs(targs_kwargs: dict, args) -> dict:
+    """LoRA trains with the stock Trainer's AdamW at --lora-lr: the DeepSpeed JSON (if any) loses its LOMO
+    optimizer and its scheduler blocks, so DeepSpeed wraps HF's AdamW and TrainingArguments' schedule."""
+    from ..config import load_json
+
+    kwargs = dict(targs_kwargs, learning_rate=args.lora_lr)
+    if kwargs.get("deepspeed"):
+        ds = dict(load_json(kwargs["deepspeed"]))
+        if ds.get("optimizer", {}).get("type", "LOMO") != "LOMO":
+            raise ValueError(f"{kwargs['deepspeed']}: optimizer.type {ds['optimizer']['type']!r}; lora expects "
+                             "a LOMO run config's DeepSpeed JSON (its LOMO block is dropped) or --deepspeed ''.")
+        ds.pop("optimizer", None)
+        ds.pop("scheduler", None)
+        kwargs["deepspeed"] = ds  # TrainingArguments takes a dict
+    return kwargs
+
+
+def _size(flag, configured):
+    """None means every example."""
+    n = flag if flag is not None else configured if configured is not None else 1000
+    return None if n < 0 else n
+
+
+def sample_sizes(args, run, method: str):
+    if method == "zero-shot":
+        return 0, _size(getattr(args, "n", None), run.max_eval_samples)
+    return _size(args.n_train, run.max_train_samples), _size(args.n_eval, run.max_eval_samples)
+
+
+def results_header(args, run, targs_kwargs, method, n_train, n_eval) -> dict:
+    label = "AdaLomo" if method == "lomo" and getattr(args, "optimizer", "lomo") == "adalomo" else METHOD_LABELS[method]
+    label += "" if args.protocol == "standard" else f" ({args.protocol})"
+    results = {"name": args.name or f"{Path(run.model_name_or_path.rstrip('/')).name} {label}",
+               "model": run.model_name_or_path, "method": method, "protocol": args.protocol,
+               "split": "validation", "normalize": args.normalize, "n": n_eval, "n_train": n_train,
+               "seed": args.sample_seed, "data": args.data_dir or args.hub_repo, "config": args.config,
+               "learning_rate": targs_kwargs["learning_rate"], "tasks": {}}
+    if method == "lora":
+        results["lora"] = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                           "targets": lora_targets(args), "lr": args.lora_lr}
+    return results
