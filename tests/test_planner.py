@@ -110,7 +110,24 @@ def test_verdicts_65b_on_8x24gb():
     assert not breakdown(PRESETS["65b"], Setup(gpus=8, gpu_mem_gb=16, seq_len=512, dtype="fp16",
                                                activation_checkpointing=True), "lomo")["fits"]
     text = format_plan(PRESETS["65b"], s)
-    assert text.count("verdict: fits") == 2 and text.count("verdict: does not fit") == 2
+    assert text.count("verdict: fits") == 2 and text.count("verdict: does not fit") == 3  # lomo_accum neither
+
+
+def test_accumulation_buffer_term_and_verdicts():
+    """lomo_accum = LOMO + a buffer of this GPU's shards (4 B fp32, 2 B in the training dtype): 7B on 8 x 24 GB
+    still fits, 65B does not, even with a 16-bit buffer."""
+    s = Setup(gpus=8, gpu_mem_gb=24, seq_len=512, batch=2, dtype="fp16", activation_checkpointing=True)
+    for accum, nbytes in (("fp32", 4), ("fp16", 2)):
+        s2 = Setup(**{**s.__dict__, "accum_dtype": accum})
+        for name, fits in (("7b", True), ("65b", False)):
+            shape = PRESETS[name]
+            t, lomo = breakdown(shape, s2, "lomo_accum"), breakdown(shape, s2, "lomo")
+            n_shard = sum(-(-k // 8) for _, k in shape.param_shapes())
+            assert t["gradient_buffers"] == nbytes * n_shard and t["fits"] is fits, (name, accum)
+            assert t["total"] >= lomo["total"] + nbytes * n_shard - lomo["gradient_in_flight"]
+    assert breakdown(PRESETS["65b"], s, "lomo")["fits"]
+    with pytest.raises(ValueError, match="accum_dtype"):
+        Setup(dtype="fp16", accum_dtype="bf16")
 
 
 def test_bad_input_names_the_flag(capsys):
