@@ -51,7 +51,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, field
 
-from .llama_shapes import LlamaShape, ceil_div, gib, load_shape
+from .llama_shapes import LlamaShape, ceil_div, from_hf_config, gib, load_shape
 
 # LOMO's update runs in slices of this many elements (optimizer.UPDATE_CHUNK; a test keeps them equal). Not
 # imported: the planner is arithmetic and must not pull in torch.
@@ -226,6 +226,24 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
     t["total_with_overhead"] = int(total * (1 + ALLOCATOR_RESERVE)) + overhead if setup.device == "cuda" else total
     t["fits"] = t["total_with_overhead"] <= setup.gpu_mem_gb * 2**30
     return t
+
+
+def check_fits(model_config, *, mode: str, gpus: int, gpu_mem_bytes: int, seq_len: int, batch: int, dtype: str,
+               accum_dtype: str = "fp32", activation_checkpointing: bool = False, ds_config: dict | None = None) -> str:
+    """LOMOTrainer's start-up check (``check_memory``, off by default): the planner's verdict for this run, as one
+    line; raises ValueError naming the figures when it predicts the setting does not fit."""
+    zero = (ds_config or {}).get("zero_optimization", {})
+    setup = Setup(gpus=gpus, gpu_mem_gb=gpu_mem_bytes / 2**30, seq_len=seq_len, batch=batch, dtype=dtype,
+                  accum_dtype=accum_dtype, activation_checkpointing=activation_checkpointing,
+                  offload_param=(zero.get("offload_param") or {}).get("device", "none") == "cpu",
+                  zero=ZeroKnobs.from_ds_config({k: v for k, v in zero.items() if v != "auto"}))
+    t = breakdown(from_hf_config(model_config), setup, mode)
+    line = (f"{mode} on {gpus} x {setup.gpu_mem_gb:.1f} GiB, {dtype}, seq {seq_len} x batch {batch}: predicted "
+            f"{gib(t['total_with_overhead']):.2f} GiB per GPU (buffer {gib(t['gradient_buffers']):.2f} GiB)")
+    if not t["fits"]:
+        raise ValueError(f"check_memory: {line} does not fit; lower the batch or sequence, use a 16-bit "
+                         "accumulation_dtype or clip_mode other than \"buffered\", or drop check_memory to try anyway")
+    return line
 
 
 def plan(shape: LlamaShape, setup: Setup, modes=OPTIMIZERS) -> dict:

@@ -170,6 +170,8 @@ class LOMOTrainer(Trainer):
         max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
         self._enable_activation_checkpointing()
+        if self.lomo_settings.check_memory:
+            self._check_memory(train_dl)
         model = self._setup_lomo(max_steps)
 
         self.state = TrainerState(stateful_callbacks=[cb for cb in self.callback_handler.callbacks + [self.control]
@@ -284,6 +286,33 @@ class LOMOTrainer(Trainer):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **extra)
         model.config.use_cache = False
+
+    def _check_memory(self, train_dl) -> None:
+        """check_memory (asked for, never by default): refuse, before the engine is built, a setting the planner
+        predicts does not fit this GPU. The sequence length is the first batch's; LLaMA-shaped models only."""
+        from .planner import check_fits
+
+        s, args = self.lomo_settings, self.args
+        if args.device.type != "cuda":
+            logger.warning("check_memory: not on a GPU, nothing checked")
+            return
+        mode = "lomo_accum" if s.accumulation_dtype else s.optimizer
+        try:
+            line = check_fits(self.model.config, mode=mode, gpus=_world(),
+                              gpu_mem_bytes=torch.cuda.get_device_properties(args.device).total_memory,
+                              seq_len=next(iter(train_dl))["input_ids"].shape[-1],
+                              batch=args.per_device_train_batch_size,
+                              dtype="fp16" if s.fp16 else "bf16" if s.bf16 else "fp32",
+                              accum_dtype=s.accumulation_dtype or "fp32",
+                              activation_checkpointing=bool(getattr(args, "activation_checkpointing", None)
+                                                            or getattr(args, "gradient_checkpointing", False)),
+                              ds_config=self._ds_config)
+        except ValueError as e:
+            if str(e).startswith("check_memory"):
+                raise ConfigError(str(e)) from None
+            logger.warning(f"check_memory: {e}; nothing checked")
+            return
+        logger.info(f"check_memory: {line}")
 
     def _check_divergence(self, skipped: bool) -> None:
         """Stop after ``max_consecutive_skips`` steps in a row that changed nothing because the loss or a gradient
