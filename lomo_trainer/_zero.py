@@ -82,6 +82,14 @@ def _shard_span(p: torch.Tensor) -> tuple[int, int]:
     return start, max(0, min(n, p.ds_numel - start))
 
 
+def local_weight(p: torch.Tensor) -> torch.Tensor:
+    """The weights this rank updates, matching ``reduce_to_shard``'s gradient: its shard without padding (flat),
+    or the whole tensor."""
+    if not is_zero3_param(p):
+        return p.data
+    return p.ds_tensor[:_shard_span(p)[1]]
+
+
 def full_shape(p: torch.Tensor) -> tuple[int, ...]:
     """The whole parameter's shape (a partitioned one's local tensor is empty)."""
     return tuple(p.ds_shape) if is_zero3_param(p) else tuple(p.shape)
@@ -114,8 +122,8 @@ def check_engine(engine) -> None:
         raise ValueError(f"LOMO's partitioned update needs zero_optimization.stage = 3, got "
                          f"{engine.zero_optimization_stage()}; set it to 3 or pass the plain module instead.")
     if engine.gradient_accumulation_steps() != 1:
-        raise ValueError("LOMO updates inside backward, so gradient_accumulation_steps must be 1 "
-                         f"(got {engine.gradient_accumulation_steps()}); raise the micro-batch size instead.")
+        raise ValueError("DeepSpeed never sees LOMO's gradients, so its gradient_accumulation_steps must be 1 "
+                         f"(got {engine.gradient_accumulation_steps()}); accumulate with LOMO(..., accumulate=True).")
     offload_of(engine)
     if engine.zero_offload_param() is not None and str(engine.zero_offload_param().device).endswith("nvme"):
         raise ValueError("zero_optimization.offload_param.device = 'nvme' is not supported by LOMO; use 'cpu' or 'none'.")

@@ -4,6 +4,8 @@ Modes (the same random-weight LLaMA, batch and sequence length in each):
   lomo     LOMO's fused update on a ZeRO-3 engine built without an optimizer (no norm clipping), each
            gradient's reduce-scatter overlapped with the rest of backward (``overlap_comm``)
   lomo_sync  the same with every reduce-scatter waited for inside its hook: what the overlap buys
+  lomo_accum LOMO with a gradient buffer (``accumulate=True``, fp32 buffer): each step is one micro-step added to
+           the buffer, then the update from it; what gradient accumulation (or buffered clipping) costs
   adalomo  AdaLomo on the same fused path (overlapped): factored second moment, two small all-reduces per parameter
   adamw    DeepSpeed's ZeRO-3 optimizer around torch.optim.AdamW: what the stock HF Trainer builds
   sgd      DeepSpeed's ZeRO-3 optimizer around torch.optim.SGD (no momentum)
@@ -21,8 +23,8 @@ import torch
 from . import _zero
 from .memstat import MemoryMeter
 
-MODES = ("lomo", "lomo_sync", "adalomo", "adamw", "sgd", "fwd_bwd", "fwd")
-LOMO_MODES = ("lomo", "lomo_sync", "adalomo")
+MODES = ("lomo", "lomo_sync", "lomo_accum", "adalomo", "adamw", "sgd", "fwd_bwd", "fwd")
+LOMO_MODES = ("lomo", "lomo_sync", "lomo_accum", "adalomo")
 
 
 def ds_config(mode: str, cfg: dict) -> dict:
@@ -93,7 +95,7 @@ def _run(mode, cfg, rank, device, meter, baseline) -> dict:
     module = engine.module
     params = [p for p in module.parameters() if p.requires_grad]
     seen_grad, previous = [0], [0]
-    overlapped = mode in ("lomo", "adalomo") and torch.distributed.get_world_size() > 1
+    overlapped = mode in ("lomo", "lomo_accum", "adalomo") and torch.distributed.get_world_size() > 1
 
     def record(p):  # the gradient bytes alive at once: each is dropped (floor) or consumed (LOMO)
         if p.grad is not None:
@@ -113,7 +115,8 @@ def _run(mode, cfg, rank, device, meter, baseline) -> dict:
         from .optimizer import LOMO
 
         cls = AdaLomo if mode == "adalomo" else LOMO
-        lomo = cls(engine, lr=cfg["lr"], clip_grad_norm=None, overlap_comm=mode != "lomo_sync")
+        lomo = cls(engine, lr=cfg["lr"], clip_grad_norm=None, overlap_comm=mode != "lomo_sync",
+                   accumulate=mode == "lomo_accum")
 
     vocab, B, S = cfg["shape"]["vocab"], cfg["batch"], cfg["seq_len"]
     gen = torch.Generator().manual_seed(1000 + rank)

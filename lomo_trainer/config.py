@@ -19,6 +19,10 @@ The ``optimizer`` and ``scheduler`` blocks are removed from what DeepSpeed sees:
 optimizer, and DeepSpeed must build its engine without one (no fp32 master copy, no gradient buffers).
 Clipping: TrainingArguments.max_grad_norm (1.0 by default, which is also DeepSpeed's default for
 ``gradient_clipping``); 0 turns norm clipping off and saves the second backward pass.
+Gradient accumulation (``gradient_accumulation_steps`` > 1, from TrainingArguments or the JSON) keeps a gradient
+buffer of this rank's shards (``accumulation_dtype``); ``clip_mode="buffered"`` keeps one at 1 step too, so that
+global clipping and fp16 need one backward per step. DeepSpeed itself always gets gradient_accumulation_steps 1
+(it never sees a gradient) and the train_batch_size of one micro-step.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from dataclasses import dataclass, field, fields
 
 # optimizer.params keys that restate a TrainingArguments field: "auto" or the same value
 RESTATED = {"lr": "learning_rate", "weight_decay": "weight_decay", "clip_grad_norm": "max_grad_norm", "seed": "seed"}
-OPTIMIZER_FIELDS = ("clip_grad_value", "clip_mode", "stochastic_rounding")  # LOMOArguments fields of optimizer.params
+OPTIMIZER_FIELDS = ("clip_grad_value", "clip_mode", "stochastic_rounding", "accumulation_dtype")  # LOMOArguments fields of optimizer.params
 ADALOMO_FIELDS = ("clip_threshold", "decay_rate", "eps1", "eps2")  # AdaLomo's own, only with optimizer.type AdaLomo
 OPTIMIZER_TYPES = {"lomo": "lomo", "adalomo": "adalomo"}  # optimizer.type, case-insensitive -> LOMOArguments.optimizer
 OPTIMIZER_PARAMS = set(RESTATED) | set(OPTIMIZER_FIELDS) | set(ADALOMO_FIELDS)
@@ -179,7 +183,7 @@ def _check_device_dtype(fp16: bool, bf16: bool) -> None:
                           "DeepSpeed: use fp16 (--fp16 true) or fp32 (--bf16 false)")
 
 
-def _check_batch(ds: dict, args) -> None:
+def _check_batch(ds: dict, args, gas: int = 1) -> None:
     """The batch keys against the arguments; the world size is known before the process group only from the
     launcher's WORLD_SIZE (engine_config checks again once it is certain)."""
     per_device = _integer("per_device_train_batch_size", getattr(args, "per_device_train_batch_size", 1), auto=False)
@@ -190,9 +194,9 @@ def _check_batch(ds: dict, args) -> None:
                           f"{per_device}: set one to match or use \"auto\"")
     total = _integer("train_batch_size", ds.get("train_batch_size", "auto"))
     world = os.environ.get("WORLD_SIZE", "")
-    if total != "auto" and world.isdigit() and total != micro * int(world):
-        raise ConfigError(f"train_batch_size={total} but micro batch {micro} x {world} processes = "
-                          f"{micro * int(world)}: set it to \"auto\"")
+    if total != "auto" and world.isdigit() and total != micro * int(world) * gas:
+        raise ConfigError(f"train_batch_size={total} but micro batch {micro} x {world} processes x {gas} "
+                          f"accumulation steps = {micro * int(world) * gas}: set it to \"auto\"")
 
 
 @dataclass
@@ -206,8 +210,9 @@ class LOMOArguments:
     clip_grad_value: float | None = field(default=None, metadata={
         "help": "clamp each gradient element to [-v, v] (one backward pass); default: off"})
     clip_mode: str | None = field(default=None, metadata={
-        "help": '"global" (default): exact global-norm clipping at max_grad_norm, two backward passes; "per_param": '
-                "each gradient clipped on its own, one pass"})
+        "help": '"global" (default): exact global-norm clipping at max_grad_norm, two backward passes (one with '
+                'gradient accumulation); "buffered": the same from a shard-sized gradient buffer, one pass, + '
+                'accumulation_dtype bytes x params / GPUs; "per_param": each gradient clipped on its own, one pass'})
     stochastic_rounding: bool | None = field(default=None, metadata={
         "help": "bf16 only: write updates back with stochastic rounding; default: false"})
     max_consecutive_skips: int | None = field(default=None, metadata={
@@ -223,13 +228,23 @@ class LOMOArguments:
         "help": "AdaLomo: added to the squared gradient (the references' eps[0]); default: 1e-30"})
     eps2: float | None = field(default=None, metadata={
         "help": "AdaLomo: floor of the parameter RMS that scales the step (the references' eps[1]); default: 1e-3"})
+    accumulation_dtype: str | None = field(default=None, metadata={
+        "help": 'dtype of the gradient buffer (gradient_accumulation_steps > 1 or clip_mode "buffered"): "fp32" '
+                '(default), or the training dtype ("bf16"/"fp16") to halve it'})
+    check_memory: bool | None = field(default=None, metadata={
+        "help": "before training, refuse a setting that the planner predicts does not fit this GPU's memory "
+                "(LLaMA-shaped models); default: false, no check"})
 
     def __post_init__(self):  # messages start with the field name: optimizer.params prefixes its own
         if self.clip_grad_value is not None:
             self.clip_grad_value = _number("clip_grad_value", self.clip_grad_value, positive=True)
-        if self.clip_mode not in (None, "global", "per_param"):
-            raise ConfigError(f"clip_mode={self.clip_mode!r}: use \"global\" (exact, two backward passes) or "
-                              "\"per_param\" (one pass)")
+        if self.clip_mode not in (None, "global", "buffered", "per_param"):
+            raise ConfigError(f"clip_mode={self.clip_mode!r}: use \"global\" (exact, two backward passes), "
+                              "\"buffered\" (exact, one pass, a gradient buffer) or \"per_param\" (one pass)")
+        if self.accumulation_dtype not in (None, "fp32", "bf16", "fp16"):
+            raise ConfigError(f"accumulation_dtype={self.accumulation_dtype!r}: use \"fp32\", \"bf16\" or \"fp16\"")
+        if self.check_memory is not None and not isinstance(self.check_memory, bool):
+            raise ConfigError(f"check_memory must be true or false, got {json.dumps(self.check_memory)}")
         if self.stochastic_rounding is not None and not isinstance(self.stochastic_rounding, bool):
             raise ConfigError(f"stochastic_rounding must be true or false, got {json.dumps(self.stochastic_rounding)}")
         if self.max_consecutive_skips is not None:
@@ -255,7 +270,7 @@ class LOMOArguments:
 
 LOMO_DEFAULTS = {"clip_grad_value": None, "clip_mode": "global", "stochastic_rounding": False,
                  "max_consecutive_skips": 5, "optimizer": "lomo", "clip_threshold": 1.0, "decay_rate": -0.8,
-                 "eps1": 1e-30, "eps2": 1e-3}
+                 "eps1": 1e-30, "eps2": 1e-3, "accumulation_dtype": None, "check_memory": False}
 
 
 def _stated(values, where: str, allowed: set) -> list[tuple[str, str, object]]:
@@ -309,12 +324,22 @@ class LOMOSettings:
     max_consecutive_skips: int = 5
     optimizer: str = "lomo"         # "lomo" or "adalomo"
     adalomo: dict = field(default_factory=dict)  # clip_threshold, decay_rate, eps: AdaLomo's own arguments
+    gradient_accumulation_steps: int = 1
+    accumulation_dtype: str | None = None  # the gradient buffer's dtype; None: no buffer (fused update in backward)
+    check_memory: bool = False
     warnings: list[str] = field(default_factory=list)
 
     def optimizer_kwargs(self) -> dict:
+        import torch
+
+        buffered = self.accumulation_dtype is not None
         kwargs = dict(lr=self.lr, weight_decay=self.weight_decay, clip_grad_norm=self.clip_grad_norm,
-                      clip_grad_value=self.clip_grad_value, clip_mode=self.clip_mode, fp16=self.fp16,
-                      stochastic_rounding=self.stochastic_rounding, seed=self.seed)
+                      clip_grad_value=self.clip_grad_value,
+                      clip_mode="global" if self.clip_mode == "buffered" else self.clip_mode, fp16=self.fp16,
+                      stochastic_rounding=self.stochastic_rounding, seed=self.seed, accumulate=buffered)
+        if buffered:
+            kwargs["buffer_dtype"] = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                      "fp16": torch.float16}[self.accumulation_dtype]
         return {**kwargs, **self.adalomo} if self.optimizer == "adalomo" else kwargs
 
     def optimizer_class(self):
@@ -340,7 +365,7 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
     stated = []
     if ds.get("gradient_clipping", "auto") != "auto":  # DeepSpeed's name for clip_grad_norm
         stated.append(("gradient_clipping", "clip_grad_norm", ds["gradient_clipping"]))
-    lomo_keys = OPTIMIZER_PARAMS | {"max_consecutive_skips", "optimizer"}
+    lomo_keys = OPTIMIZER_PARAMS | {"max_consecutive_skips", "optimizer", "check_memory"}
     if isinstance(lomo_args, LOMOArguments):
         stated += [(key, key, value) for key, value in lomo_args.given().items()]
     elif lomo_args is not None:
@@ -365,9 +390,9 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
     args_gas = _integer("gradient_accumulation_steps (TrainingArguments)", args.gradient_accumulation_steps,
                         auto=False)
     gas = _auto(_integer("gradient_accumulation_steps", ds.get("gradient_accumulation_steps", "auto")), args_gas)
-    if gas != 1 or args_gas != 1:
-        raise ConfigError(f"gradient_accumulation_steps={max(gas, args_gas)}: LOMO updates "
-                          "inside backward, so it must be 1; raise the micro-batch size (per_device_train_batch_size)")
+    if gas != args_gas:
+        raise ConfigError(f"gradient_accumulation_steps={gas} in the DeepSpeed config but TrainingArguments."
+                          f"gradient_accumulation_steps={args_gas}: set one to match or use \"auto\"")
 
     zero = _block(ds, "zero_optimization", example='{"stage": 3}')
     stage = zero.get("stage", 0) if ds_config is not None else None
@@ -376,7 +401,7 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
                           "(or run without a DeepSpeed config)")
     warnings = []
     if ds_config is not None:
-        _check_batch(ds, args)
+        _check_batch(ds, args, gas)
         off_param = _block(zero, "offload_param", "zero_optimization.offload_param", '{"device": "cpu"}')
         off_opt = _block(zero, "offload_optimizer", "zero_optimization.offload_optimizer", '{"device": "none"}')
         if off_param.get("device", "none") not in ("cpu", "none"):
@@ -441,6 +466,15 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
                     "the optimizer is LOMO (default)"
                 raise ConfigError(f"{given[key][0]} is an AdaLomo setting but {where}: set optimizer to AdaLomo "
                                   "(optimizer.type in the DeepSpeed JSON, or --optimizer adalomo) or remove it")
+    buffered = gas > 1 or lomo["clip_mode"] == "buffered"
+    acc_dtype = lomo["accumulation_dtype"]
+    if acc_dtype is not None and not buffered:
+        raise ConfigError(f"{given['accumulation_dtype'][0]}={acc_dtype!r} but gradient_accumulation_steps=1 and "
+                          "clip_mode is not \"buffered\": there is no gradient buffer; remove it")
+    train_dtype = "fp16" if fp16 else "bf16" if bf16 else "fp32"
+    if acc_dtype not in (None, "fp32", train_dtype):
+        raise ConfigError(f"{given['accumulation_dtype'][0]}={acc_dtype!r} but the weights train in {train_dtype}: "
+                          f"use \"fp32\" or \"{train_dtype}\" (another 16-bit type loses range or precision)")
     if lomo["stochastic_rounding"] and not bf16:
         raise ConfigError(f"{given['stochastic_rounding'][0]} needs bf16 weights: enable bf16 or remove it")
 
@@ -459,7 +493,8 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
                         optimizer=lomo["optimizer"],
                         adalomo=dict(clip_threshold=lomo["clip_threshold"], decay_rate=lomo["decay_rate"],
                                      eps=(lomo["eps1"], lomo["eps2"])),
-                        warnings=warnings)
+                        gradient_accumulation_steps=gas, accumulation_dtype=(acc_dtype or "fp32") if buffered else None,
+                        check_memory=lomo["check_memory"], warnings=warnings)
 
 
 def engine_config(ds_config: dict, args, world_size: int) -> dict:
@@ -472,12 +507,14 @@ def engine_config(ds_config: dict, args, world_size: int) -> dict:
         raise ConfigError(f"train_micro_batch_size_per_gpu={micro} but TrainingArguments.per_device_train_batch_size="
                           f"{args.per_device_train_batch_size}: set one to match or use \"auto\"")
     cfg["train_micro_batch_size_per_gpu"] = micro
+    gas = args.gradient_accumulation_steps  # validate made the JSON's value agree
+    # LOMO accumulates itself: DeepSpeed never sees a gradient, so it gets one micro-step per "step"
     cfg["gradient_accumulation_steps"] = 1
-    total = _auto(cfg.get("train_batch_size", "auto"), micro * world_size)
-    if total != micro * world_size:
-        raise ConfigError(f"train_batch_size={total} but micro batch {micro} x {world_size} processes = "
-                          f"{micro * world_size}: set it to \"auto\"")
-    cfg["train_batch_size"] = total
+    total = _auto(cfg.get("train_batch_size", "auto"), micro * world_size * gas)
+    if total != micro * world_size * gas:
+        raise ConfigError(f"train_batch_size={total} but micro batch {micro} x {world_size} processes x {gas} "
+                          f"accumulation steps = {micro * world_size * gas}: set it to \"auto\"")
+    cfg["train_batch_size"] = micro * world_size
     cfg["gradient_clipping"] = 0.0  # LOMO clips; DeepSpeed never sees a gradient
     for key, flag in (("fp16", args.fp16), ("bf16", args.bf16)):
         # DeepSpeed only casts the module; loss scaling is LOMO's, so its keys stay out. An absent block or

@@ -30,6 +30,20 @@ Non-finite values never reach the weights, in any precision:
 Every skip adds one to ``skipped_steps``; ``last_step_skipped`` says whether the step just taken changed
 nothing.
 
+Gradient accumulation (``accumulate=True``): the hooks add each reduced shard gradient to a buffer the size of
+this rank's shards (``buffer_dtype``: fp32, or a 16-bit dtype for half the memory) instead of updating::
+
+    optimizer = LOMO(engine, lr=1e-3, clip_grad_norm=1.0, accumulate=True)
+    for micro_batch in micro_batches[:-1]:
+        optimizer.accumulate(lambda: loss_of(micro_batch))  # backward into the buffer, no update, no host sync
+    optimizer.step(lambda: loss_of(micro_batches[-1]))      # adds the last one, then updates from the buffer
+
+``step`` then takes the global norm over the buffers (no second backward: one pass per micro-step, in every
+clipping mode, also with a single micro-step), syncs once, and applies the rule shard by shard from the buffer.
+A non-finite value in any micro-step (an fp16 overflow, a diverged loss) makes the buffer's norm non-finite: the
+whole step is skipped and the buffer cleared. The loss of each micro-step must already carry its weight in the sum
+(the trainer divides by the token count of all micro-steps and ranks, as the stock Trainer does).
+
 Host synchronisations: exactly one per step, in every mode: the ``.item()``-like read of a few
 all-reduced numbers (global norm, loss finiteness, the previous update pass's flag) after the norm pass,
 or after the forward in the one-pass modes. None per parameter, except with ``offload_param``, where each
@@ -82,6 +96,11 @@ class LOMO(torch.optim.Optimizer):
             gradient is ready, so communication overlaps backward at the cost of one more gradient alive.
             Default: the engine's ``zero_optimization.overlap_comm`` (DeepSpeed's default for stage 3 is
             true); True for a plain module on several ranks. Never used on one rank (nothing to overlap).
+        accumulate: keep a shard-sized gradient buffer: ``accumulate(closure)`` adds a micro-step's gradient,
+            ``step(closure)`` adds the last one and updates from the buffer (see the module doc). Costs
+            ``buffer_dtype``'s bytes x this rank's shard elements; saves the norm pass of global clipping and fp16.
+        buffer_dtype: the buffer's dtype (torch.float32, or bfloat16/float16 to halve it; fp16 gradients are kept
+            loss-scaled there, so a sum can overflow where each micro-step did not: the step is then skipped).
 
     Attributes read by the trainer: ``global_step`` (steps that updated), ``skipped_steps`` (steps skipped
     for a non-finite loss or gradient, in any precision; saved in ``state_dict``), ``last_step_skipped``
@@ -92,7 +111,8 @@ class LOMO(torch.optim.Optimizer):
     def __init__(self, model, params: Iterable | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
                  clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
                  clip_mode: str = "global", fp16: DynamicLossScaler | dict | bool | None = None,
-                 stochastic_rounding: bool = False, seed: int = 0, overlap_comm: bool | None = None):
+                 stochastic_rounding: bool = False, seed: int = 0, overlap_comm: bool | None = None,
+                 accumulate: bool = False, buffer_dtype: torch.dtype = torch.float32):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if weight_decay < 0:
@@ -103,6 +123,8 @@ class LOMO(torch.optim.Optimizer):
             raise ValueError(f"clip_grad_value must be > 0 or None, got {clip_grad_value}")
         if clip_mode not in CLIP_MODES:
             raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
+        if buffer_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"buffer_dtype must be torch.float32, bfloat16 or float16, got {buffer_dtype}")
 
         self.engine = None
         if _zero.is_engine(model):
@@ -149,6 +171,13 @@ class LOMO(torch.optim.Optimizer):
         self.overlap_comm = overlap_comm
         self._overlap = False       # resolved at the first step (needs the engine and the process group)
         self._pending = None        # (param, work, finish) of the reduction in flight
+        self.buffered = bool(accumulate)
+        self.buffer_dtype = buffer_dtype
+        self._buffers: dict[nn.Parameter, torch.Tensor] = {}  # shard gradient sums, allocated at first use
+        self._touched: dict[nn.Parameter, None] = {}  # parameters with a gradient this step (ordered)
+        self._loss_sum: torch.Tensor | None = None  # micro-step losses so far: non-finite if any was
+        self._micro_count = 0       # micro-steps of the step under way
+        self.micro_steps = 0        # micro-steps (accumulate calls and the step's own) of the last step
 
         self._index_groups()
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._group_of]
@@ -174,7 +203,26 @@ class LOMO(torch.optim.Optimizer):
     # ------------------------------------------------------------------ the step
     @property
     def needs_norm_pass(self) -> bool:
+        if self.buffered:  # the norm comes from the buffer
+            return False
         return (self.clip_grad_norm is not None and self.clip_mode == "global") or self.loss_scaler is not None
+
+    def accumulate(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A micro-step that is not the step's last: forward, backward with each reduced shard gradient added to
+        the buffer. No update and no host sync. Returns the detached loss."""
+        if not self.buffered:
+            raise RuntimeError("LOMO.accumulate needs LOMO(..., accumulate=True): without a buffer the update "
+                               "happens inside backward")
+        if closure is None:
+            raise RuntimeError("LOMO.accumulate(closure): the closure runs the forward and returns the loss")
+        if not self._checked:
+            self._check_binding()
+        scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0  # fixed until the step
+        self._lr_scale = 1.0 / scale
+        loss = self._run_pass("accumulate", closure, scale).detach()
+        self._loss_sum = loss.float() if self._loss_sum is None else self._loss_sum + loss.float()
+        self._micro_count += 1
+        return loss
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
         if closure is None:
@@ -188,6 +236,8 @@ class LOMO(torch.optim.Optimizer):
         if not self._checked:
             self._check_binding()
 
+        if self.buffered:
+            return self._buffered_step(closure)
         if self.needs_norm_pass:
             rng = _rng_state()
             loss = self._run_pass("norm", closure, scale)
@@ -208,6 +258,40 @@ class LOMO(torch.optim.Optimizer):
             self.loss_scaler.update(False)
         self.global_step += 1
         return loss.detach()
+
+    def _buffered_step(self, closure) -> torch.Tensor:
+        """The last micro-step, then the update from the buffer: one sync of [buffer norm^2, non-finite losses]."""
+        loss = self.accumulate(closure)
+        losses, self._loss_sum = self._loss_sum, None
+        self.micro_steps, self._micro_count = self._micro_count, 0
+        try:
+            norm_sq = torch.zeros((), dtype=torch.float32, device=loss.device)
+            for p in self._touched:
+                for gc, _ in _chunks(self._buffers[p], self._buffers[p]):
+                    norm_sq += self._grad32(gc).square().sum().to(norm_sq.device)  # unscaled; inf/nan propagate
+            norm_sq = self._sync(losses, norm_sq)
+            if norm_sq is None:  # some micro-step overflowed (fp16) or diverged: the whole step changes nothing
+                return self._skip(loss)
+            self.grad_norm = math.sqrt(norm_sq)
+            if self.clip_grad_norm is not None and self.clip_mode == "global":
+                self._clip_coef = min(1.0, self.clip_grad_norm / (self.grad_norm + 1e-6))
+            self._phase = "update"
+            for p in self._touched:  # backward order: the same on every rank (the reductions already rely on it)
+                g, w = self._buffers[p], _zero.local_weight(p)
+                self._apply_update(p, g, w, self._prepare(p, g, w))
+        finally:
+            self._phase = None
+            self._clear_buffers()  # after an update or a skip alike: nothing carries into the next step
+        _zero.refresh_partitions(self.engine)
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(False)
+        self.global_step += 1
+        return loss
+
+    def _clear_buffers(self) -> None:
+        for p in self._touched:
+            self._buffers[p].zero_()
+        self._touched.clear()
 
     def _run_pass(self, phase: str, closure, scale: float, gate: bool = False) -> torch.Tensor:
         self._phase = "closure"
@@ -351,6 +435,13 @@ class LOMO(torch.optim.Optimizer):
         return p, g, w, ctx
 
     def _apply(self, p: nn.Parameter, g: torch.Tensor, w: torch.Tensor, ctx) -> None:
+        if self._phase == "accumulate":
+            buf = self._buffers.get(p)
+            if buf is None:  # the shard's real elements (padding excluded), where the shard lives
+                buf = self._buffers[p] = torch.zeros(g.shape, dtype=self.buffer_dtype, device=g.device)
+            buf.add_(g)
+            self._touched[p] = None
+            return
         if self._phase == "norm":
             for gc, _ in _chunks(g, w):  # non-finite values (fp16 overflow) propagate into the sum
                 self._norm_sq += self._grad32(gc).square().sum()

@@ -26,6 +26,9 @@ against the benchmark's measurements; see docs/benchmarks.md):
   LOMO's ``overlap_comm`` keeps the previous parameter's gradient alive until the next one is ready. The
   first gradient of backward is the LM head's (a tied embedding's comes last), so nothing is pending at the
   peak moment: the overlap adds nothing to the peak (the benchmark's lomo and lomo_sync rows check this).
+- gradient accumulation (``lomo_accum``: LOMO with ``accumulate=True``, any number of micro-steps, or
+  ``clip_mode="buffered"`` at one): a buffer of this device's shards in ``accum_dtype`` (4 B fp32, or 2 B in the
+  training dtype) lives through the whole step; the update then runs from it in LOMO's fp32 slices.
 - optimizer states: AdamW = fp32 master + m + v (12 B per element of the shard; the master copy is the weight
   itself in fp32 training); SGD without momentum = fp32 master (4 B); LOMO = 0.
 - activations (HF LLaMA with SDPA/flash attention, no s^2 term), bytes per token per layer, d = weight bytes:
@@ -48,14 +51,14 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, field
 
-from .llama_shapes import LlamaShape, ceil_div, gib, load_shape
+from .llama_shapes import LlamaShape, ceil_div, from_hf_config, gib, load_shape
 
 # LOMO's update runs in slices of this many elements (optimizer.UPDATE_CHUNK; a test keeps them equal). Not
 # imported: the planner is arithmetic and must not pull in torch.
 UPDATE_CHUNK = 1 << 22
 
-MODES = ("lomo", "adalomo", "sgd", "adamw", "fwd_bwd", "fwd")
-OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
+MODES = ("lomo", "lomo_accum", "adalomo", "sgd", "adamw", "fwd_bwd", "fwd")
+OPTIMIZERS = ("lomo", "lomo_accum", "adalomo", "sgd", "adamw")
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 CUDA_OVERHEAD_BYTES = 2**30   # CUDA context (~0.5 GiB on an H100) + cuBLAS workspace + NCCL buffers
 ALLOCATOR_RESERVE = 0.10      # max_memory_reserved over max_memory_allocated, typical of a training loop
@@ -91,6 +94,7 @@ class Setup:
     offload_param: bool = False
     device: str = "cuda"              # "cpu": figures are bytes of RSS above the process baseline
     fused_adamw: bool = True          # torch AdamW(fused=True) on CUDA; the multi-tensor path makes a temporary
+    accum_dtype: str = "fp32"         # lomo_accum's gradient buffer
     zero: ZeroKnobs = field(default_factory=ZeroKnobs)
 
     def __post_init__(self):
@@ -98,6 +102,8 @@ class Setup:
             raise ValueError("gpus, seq_len and batch must be >= 1 (check --gpus / --seq-len / --batch)")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.accum_dtype not in ("fp32", self.dtype):
+            raise ValueError(f"accum_dtype must be fp32 or the training dtype {self.dtype}, got {self.accum_dtype!r}")
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
 
@@ -168,8 +174,12 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
     if mode in ("adamw", "sgd"):
         bucket = z.reduce_bucket_size if setup.device == "cuda" else min(z.reduce_bucket_size, n)
         grad_buffers = d * n_shard + d * bucket
+    elif mode == "lomo_accum":  # the accumulation buffer: this device's shards (padding excluded; ignored here)
+        grad_buffers = DTYPE_BYTES[setup.accum_dtype] * n_shard
     grad_in_flight = d * largest if training else 0
-    if mode in ("lomo", "adalomo"):  # reduce-scatter output, and the update's fp32 gradient and weight, by slices
+    if mode == "lomo_accum":  # backward only reduce-scatters and adds: no update math alongside
+        grad_in_flight += d * ceil_div(largest, g) if g > 1 else 0
+    elif mode in ("lomo", "adalomo"):  # reduce-scatter output, and the update's fp32 gradient and weight, by slices
         shard = ceil_div(largest, g)
         # AdaLomo's slice also holds G^2 (or a row-padded copy) and the update U: two more fp32 temporaries
         grad_in_flight += (d * shard if g > 1 else 0) + (16 if mode == "adalomo" else 8) * min(shard, UPDATE_CHUNK)
@@ -182,6 +192,8 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
     adam_temp = 0 if (setup.device == "cuda" and setup.fused_adamw) else 4 * n_shard
     # The step makes the fp32 gradient of the shard, and multi-tensor AdamW one more fp32 temporary.
     t["optimizer_step_temporaries"] = (4 * n_shard + (adam_temp if mode == "adamw" else 0)) if mode in ("adamw", "sgd") else 0
+    if mode == "lomo_accum":  # the update from the buffer: fp32 gradient and weight of one slice
+        t["optimizer_step_temporaries"] = 8 * min(ceil_div(largest, g), UPDATE_CHUNK)
 
     per_layer = activation_bytes_per_token_layer(shape, d)
     norm_out = (4 * shape.hidden + 2 * d * shape.hidden) * T           # final RMSNorm, saved for backward
@@ -216,6 +228,24 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
     return t
 
 
+def check_fits(model_config, *, mode: str, gpus: int, gpu_mem_bytes: int, seq_len: int, batch: int, dtype: str,
+               accum_dtype: str = "fp32", activation_checkpointing: bool = False, ds_config: dict | None = None) -> str:
+    """LOMOTrainer's start-up check (``check_memory``, off by default): the planner's verdict for this run, as one
+    line; raises ValueError naming the figures when it predicts the setting does not fit."""
+    zero = (ds_config or {}).get("zero_optimization", {})
+    setup = Setup(gpus=gpus, gpu_mem_gb=gpu_mem_bytes / 2**30, seq_len=seq_len, batch=batch, dtype=dtype,
+                  accum_dtype=accum_dtype, activation_checkpointing=activation_checkpointing,
+                  offload_param=(zero.get("offload_param") or {}).get("device", "none") == "cpu",
+                  zero=ZeroKnobs.from_ds_config({k: v for k, v in zero.items() if v != "auto"}))
+    t = breakdown(from_hf_config(model_config), setup, mode)
+    line = (f"{mode} on {gpus} x {setup.gpu_mem_gb:.1f} GiB, {dtype}, seq {seq_len} x batch {batch}: predicted "
+            f"{gib(t['total_with_overhead']):.2f} GiB per GPU (buffer {gib(t['gradient_buffers']):.2f} GiB)")
+    if not t["fits"]:
+        raise ValueError(f"check_memory: {line} does not fit; lower the batch or sequence, use a 16-bit "
+                         "accumulation_dtype or clip_mode other than \"buffered\", or drop check_memory to try anyway")
+    return line
+
+
 def plan(shape: LlamaShape, setup: Setup, modes=OPTIMIZERS) -> dict:
     return {"model": shape.as_dict(), "setup": asdict(setup),
             "modes": {m: breakdown(shape, setup, m) for m in modes}}
@@ -235,11 +265,13 @@ def format_plan(shape: LlamaShape, setup: Setup, modes=OPTIMIZERS) -> str:
         "persistent_params": f"{d} B x params < {setup.zero.param_persistence_threshold:.0e} elements, whole",
         "gathered_working_set": f"{d} B x what ZeRO-3 keeps gathered into backward (max_live_parameters"
                                 f" {setup.zero.max_live_parameters:.0e}, max_reuse_distance {setup.zero.max_reuse_distance:.0e})",
-        "gradient_buffers": f"{d} B x {n / 1e9:.3f} B / {g} + {d} B x reduce bucket",
+        "gradient_buffers": f"SGD/AdamW: {d} B x {n / 1e9:.3f} B / {g} + {d} B x reduce bucket; lomo_accum: "
+                            f"{DTYPE_BYTES[setup.accum_dtype]} B ({setup.accum_dtype}) x {n / 1e9:.3f} B / {g}",
         "gradient_in_flight": f"{d} B x largest parameter {shape.largest_param / 1e6:.1f} M"
                               " (LOMO: + its reduced shard, and fp32 gradient and weight of one update slice)",
         "optimizer_states": "AdamW 12 B / SGD 4 B / LOMO 0 x params / gpus (fp32 master counted only for 16-bit)",
-        "optimizer_step_temporaries": "step: fp32 gradient of the shard (+1 fp32 shard: multi-tensor AdamW)",
+        "optimizer_step_temporaries": "step: fp32 gradient of the shard (+1 fp32 shard: multi-tensor AdamW; "
+                                      "lomo_accum: one fp32 slice)",
         "activations": (f"{d} B x h x {setup.tokens} tokens x {shape.layers} layers + one layer {per_layer} B/token"
                         if setup.activation_checkpointing else
                         f"{per_layer} B/token/layer x {setup.tokens} tokens x {shape.layers} layers"),
@@ -269,6 +301,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="fp16")
+    ap.add_argument("--accum-dtype", choices=sorted(DTYPE_BYTES), default="fp32",
+                    help="lomo_accum's gradient buffer: fp32, or the training dtype (--dtype) to halve it")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--offload-param", action="store_true")
     ap.add_argument("--ds-config", help="a DeepSpeed JSON whose zero_optimization knobs size ZeRO-3's buffers "
@@ -283,7 +317,8 @@ def main(argv=None) -> None:
                 knobs = json.load(f).get("zero_optimization", {})
             zero = ZeroKnobs.from_ds_config({k: v for k, v in knobs.items() if v != "auto"})
         setup = Setup(gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb, seq_len=args.seq_len, batch=args.batch,
-                      dtype=args.dtype, activation_checkpointing=args.activation_checkpointing,
+                      dtype=args.dtype, accum_dtype=args.accum_dtype,
+                      activation_checkpointing=args.activation_checkpointing,
                       offload_param=args.offload_param, zero=zero)
     except (ValueError, OSError) as e:
         ap.error(str(e))

@@ -118,14 +118,24 @@ class LOMOTrainer(Trainer):
         return model
 
     # ------------------------------------------------------------------ one step
-    def training_step(self, model, inputs, num_items_in_batch=None):
+    def training_step(self, model, inputs, num_items_in_batch=None, last_micro_step: bool = True):
         """One fused LOMO step on one batch: forward (twice with global-norm clipping or fp16), backward with
         the update inside, nothing left to step afterwards. Returns the detached loss. ``num_items_in_batch``
-        (the label tokens of the global batch) makes the loss the global token mean, as in the stock Trainer."""
+        (the label tokens of the global batch: all ranks and accumulation steps) makes the loss the global token
+        mean, as in the stock Trainer. With gradient accumulation each micro-batch but the last only adds its
+        gradient to LOMO's buffer (``last_micro_step=False``)."""
         module = self.model  # forward through the bare module: ZeRO-3's gather hooks live on it
         module.train()
         inputs = self._prepare_inputs(inputs)
-        loss = self.optimizer.step(lambda: self.compute_loss(module, inputs, num_items_in_batch=num_items_in_batch))
+        micro_steps = getattr(self, "current_gradient_accumulation_steps", 1)
+
+        def closure():
+            loss = self.compute_loss(module, inputs, num_items_in_batch=num_items_in_batch)
+            if num_items_in_batch is None and micro_steps > 1:  # no token count: the stock Trainer's mean
+                loss = loss / micro_steps
+            return loss
+
+        loss = (self.optimizer.step if last_micro_step else self.optimizer.accumulate)(closure)
         mask = inputs.get("attention_mask")
         tokens = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
         self._tokens = tokens if self._tokens is None else self._tokens + tokens
@@ -151,12 +161,17 @@ class LOMOTrainer(Trainer):
                 logger.warning(f"removed {path}: a save that never finished")
         self.is_in_train = True
         train_dl = self.get_train_dataloader()
-        steps_per_epoch = len(train_dl)
-        if steps_per_epoch == 0:
+        gas = self.lomo_settings.gradient_accumulation_steps
+        if len(train_dl) == 0:
             raise ConfigError("the training set yields no batch: check the dataset and per_device_train_batch_size")
+        # as the stock Trainer: an epoch's last step takes the remaining micro-batches
+        steps_per_epoch = -(-len(train_dl) // gas)
+        last_micro_batches = len(train_dl) - (steps_per_epoch - 1) * gas
         max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
         self._enable_activation_checkpointing()
+        if self.lomo_settings.check_memory:
+            self._check_memory(train_dl)
         model = self._setup_lomo(max_steps)
 
         self.state = TrainerState(stateful_callbacks=[cb for cb in self.callback_handler.callbacks + [self.control]
@@ -193,19 +208,24 @@ class LOMOTrainer(Trainer):
                 batches = train_dl
                 if epoch == epoch0 and skip:
                     from accelerate import skip_first_batches
-                    batches = skip_first_batches(train_dl, skip)
+                    batches = skip_first_batches(train_dl, skip * gas)
                 self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
                 iterator = iter(batches)
                 for i in itertools.count(skip if epoch == epoch0 else 0):
-                    # the stock Trainer's batch fetch: it also counts the global batch's label tokens
-                    samples, num_items = self.get_batch_samples(iterator, 1, args.device)
+                    # the stock Trainer's batch fetch: all micro-batches of a step at once, and the label tokens of
+                    # all of them on all ranks, which weighs every micro-step's loss
+                    wanted = gas if i != steps_per_epoch - 1 else last_micro_batches
+                    samples, num_items = self.get_batch_samples(iterator, wanted, args.device)
                     if not samples:
                         break
-                    inputs = samples[0]
+                    self.current_gradient_accumulation_steps = len(samples)
                     self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
                     skips_before = self.optimizer.skipped_steps
-                    loss = self.training_step(model, inputs, num_items)
-                    self.current_flos += float(self.floating_point_ops(inputs))
+                    loss = None
+                    for j, inputs in enumerate(samples):
+                        micro = self.training_step(model, inputs, num_items, last_micro_step=j == len(samples) - 1)
+                        loss = micro if loss is None else loss + micro  # the step's loss, as the stock Trainer sums
+                        self.current_flos += float(self.floating_point_ops(inputs))
                     skipped = self.optimizer.last_step_skipped
                     if not skipped:  # a skipped step (fp16 overflow, non-finite loss) is not counted in the loss
                         tr_loss += loss
@@ -267,6 +287,33 @@ class LOMOTrainer(Trainer):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **extra)
         model.config.use_cache = False
+
+    def _check_memory(self, train_dl) -> None:
+        """check_memory (asked for, never by default): refuse, before the engine is built, a setting the planner
+        predicts does not fit this GPU. The sequence length is the first batch's; LLaMA-shaped models only."""
+        from .planner import check_fits
+
+        s, args = self.lomo_settings, self.args
+        if args.device.type != "cuda":
+            logger.warning("check_memory: not on a GPU, nothing checked")
+            return
+        mode = "lomo_accum" if s.accumulation_dtype else s.optimizer
+        try:
+            line = check_fits(self.model.config, mode=mode, gpus=_world(),
+                              gpu_mem_bytes=torch.cuda.get_device_properties(args.device).total_memory,
+                              seq_len=next(iter(train_dl))["input_ids"].shape[-1],
+                              batch=args.per_device_train_batch_size,
+                              dtype="fp16" if s.fp16 else "bf16" if s.bf16 else "fp32",
+                              accum_dtype=s.accumulation_dtype or "fp32",
+                              activation_checkpointing=bool(getattr(args, "activation_checkpointing", None)
+                                                            or getattr(args, "gradient_checkpointing", False)),
+                              ds_config=self._ds_config)
+        except ValueError as e:
+            if str(e).startswith("check_memory"):
+                raise ConfigError(str(e)) from None
+            logger.warning(f"check_memory: {e}; nothing checked")
+            return
+        logger.info(f"check_memory: {line}")
 
     def _check_divergence(self, skipped: bool) -> None:
         """Stop after ``max_consecutive_skips`` steps in a row that changed nothing because the loss or a gradient
@@ -431,7 +478,7 @@ class LOMOTrainer(Trainer):
             shutil.rmtree(path, ignore_errors=True)
 
     def _global_batch(self) -> int:
-        return self.args.per_device_train_batch_size * _world()
+        return self.args.per_device_train_batch_size * _world() * self.lomo_settings.gradient_accumulation_steps
 
     def _load_checkpoint(self, folder: str) -> None:
         """Weights, TrainerState, scheduler, LOMO state and RNG from ``folder`` (a LOMOTrainer checkpoint), or

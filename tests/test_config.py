@@ -72,7 +72,14 @@ def test_shipped_run_configs_parse(path):
 BAD = [
     ({**ZERO3, "optimizer": {"type": "AdamW"}}, {}, "optimizer.type 'AdamW'"),
     ({**ZERO3, "gradient_accumulation_steps": 4}, {}, "gradient_accumulation_steps=4"),
-    (ZERO3, {"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=2"),
+    ({**ZERO3, "gradient_accumulation_steps": 4}, {"gradient_accumulation_steps": 2},
+     "gradient_accumulation_steps=4 in the DeepSpeed config but TrainingArguments.gradient_accumulation_steps=2"),
+    ({**ZERO3, "optimizer": {"type": "LOMO", "params": {"accumulation_dtype": "fp16"}}},
+     {"gradient_accumulation_steps": 2, "bf16": True}, r"accumulation_dtype='fp16' but the weights train in bf16"),
+    ({**ZERO3, "optimizer": {"type": "LOMO", "params": {"accumulation_dtype": "fp32"}}}, {},
+     r"accumulation_dtype='fp32' but gradient_accumulation_steps=1 and clip_mode is not \"buffered\""),
+    ({**ZERO3, "optimizer": {"type": "LOMO", "params": {"accumulation_dtype": "int8"}}}, {},
+     "optimizer.params.accumulation_dtype='int8'"),
     ({**ZERO3, "zero_optimization": {"stage": 2}}, {}, "zero_optimization.stage=2"),
     ({**ZERO3, "fp16": {"enabled": True}, "bf16": {"enabled": True}}, {"fp16": True, "bf16": True}, "fp16 and bf16"),
     ({**ZERO3, "fp16": {"enabled": True}}, {}, r"fp16.enabled=True .* TrainingArguments.fp16=False"),
@@ -156,9 +163,34 @@ def test_train_batch_size_is_checked_at_start_up_when_the_launcher_set_world_siz
     monkeypatch.setenv("WORLD_SIZE", "4")
     validate(cfg, targs())  # 2 x 4 = 8
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"train_batch_size=8 but micro batch 2 x 2 processes = 4") as info:
+    with pytest.raises(ConfigError, match=r"train_batch_size=8 but micro batch 2 x 2 processes x 1 accumulation "
+                                          r"steps = 4") as info:
         validate(cfg, targs())
     assert "\n" not in str(info.value)
+    validate(cfg, targs(gradient_accumulation_steps=2))  # 2 x 2 x 2 = 8
+
+
+def test_gradient_accumulation_buffers_and_deepspeed_sees_one_micro_step():
+    """gas > 1 (TrainingArguments, the JSON "auto"): LOMO gets a buffer (fp32 unless told), DeepSpeed gets
+    gradient_accumulation_steps 1 and one micro-step's train_batch_size (it never sees a gradient)."""
+    from lomo_trainer.optimizer import LOMO
+
+    cfg = {**ZERO3, "gradient_accumulation_steps": "auto", "train_batch_size": 16}
+    s = validate(cfg, targs(gradient_accumulation_steps=4))
+    assert (s.gradient_accumulation_steps, s.accumulation_dtype) == (4, "fp32")
+    opt = LOMO(torch.nn.Linear(2, 2), **s.optimizer_kwargs())
+    assert opt.buffered and opt.buffer_dtype == torch.float32 and not opt.needs_norm_pass
+    engine = engine_config(cfg, targs(gradient_accumulation_steps=4), world_size=2)
+    assert (engine["gradient_accumulation_steps"], engine["train_batch_size"]) == (1, 4)
+    with pytest.raises(ConfigError, match=r"train_batch_size=16 but micro batch 2 x 2 processes x 2 accumulation"):
+        engine_config(cfg, targs(gradient_accumulation_steps=2), world_size=2)
+    # the training dtype halves the buffer; clip_mode "buffered" keeps one at a single step (global clipping, 1 pass)
+    s = validate(ZERO3, targs(bf16=True, gradient_accumulation_steps=2), LOMOArguments(accumulation_dtype="bf16"))
+    assert s.optimizer_kwargs()["buffer_dtype"] == torch.bfloat16
+    s = validate(ZERO3, targs(), LOMOArguments(clip_mode="buffered"))
+    kwargs = s.optimizer_kwargs()
+    assert (kwargs["accumulate"], kwargs["clip_mode"], s.gradient_accumulation_steps) == (True, "global", 1)
+    assert validate(ZERO3, targs()).optimizer_kwargs()["accumulate"] is False  # no buffer unless asked
 
 
 def test_fp16_flag_without_fp16_block_trains_in_fp16():

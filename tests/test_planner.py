@@ -110,7 +110,24 @@ def test_verdicts_65b_on_8x24gb():
     assert not breakdown(PRESETS["65b"], Setup(gpus=8, gpu_mem_gb=16, seq_len=512, dtype="fp16",
                                                activation_checkpointing=True), "lomo")["fits"]
     text = format_plan(PRESETS["65b"], s)
-    assert text.count("verdict: fits") == 2 and text.count("verdict: does not fit") == 2
+    assert text.count("verdict: fits") == 2 and text.count("verdict: does not fit") == 3  # lomo_accum neither
+
+
+def test_accumulation_buffer_term_and_verdicts():
+    """lomo_accum = LOMO + a buffer of this GPU's shards (4 B fp32, 2 B in the training dtype): 7B on 8 x 24 GB
+    still fits, 65B does not, even with a 16-bit buffer."""
+    s = Setup(gpus=8, gpu_mem_gb=24, seq_len=512, batch=2, dtype="fp16", activation_checkpointing=True)
+    for accum, nbytes in (("fp32", 4), ("fp16", 2)):
+        s2 = Setup(**{**s.__dict__, "accum_dtype": accum})
+        for name, fits in (("7b", True), ("65b", False)):
+            shape = PRESETS[name]
+            t, lomo = breakdown(shape, s2, "lomo_accum"), breakdown(shape, s2, "lomo")
+            n_shard = sum(-(-k // 8) for _, k in shape.param_shapes())
+            assert t["gradient_buffers"] == nbytes * n_shard and t["fits"] is fits, (name, accum)
+            assert t["total"] >= lomo["total"] + nbytes * n_shard - lomo["gradient_in_flight"]
+    assert breakdown(PRESETS["65b"], s, "lomo")["fits"]
+    with pytest.raises(ValueError, match="accum_dtype"):
+        Setup(dtype="fp16", accum_dtype="bf16")
 
 
 def test_bad_input_names_the_flag(capsys):
@@ -199,3 +216,23 @@ def test_adalomo_state_term_counts_rows_and_cols_of_the_real_model(tie):
     s = Setup(gpus=2, gpu_mem_gb=24, seq_len=64, batch=1, dtype="bf16")
     ada, lomo = breakdown(shape, s, "adalomo"), breakdown(shape, s, "lomo")
     assert ada["optimizer_states"] == 4 * adalomo_state_numel(shape, 2) and lomo["optimizer_states"] == 0
+
+
+def test_check_fits_is_the_start_up_check():
+    """LOMOTrainer's check_memory (asked for only): the planner's verdict from the model's own config."""
+    from transformers import LlamaConfig
+
+    from lomo_trainer.planner import check_fits
+
+    def config(name):
+        p = PRESETS[name]
+        return LlamaConfig(vocab_size=p.vocab, hidden_size=p.hidden, intermediate_size=p.intermediate,
+                           num_hidden_layers=p.layers, num_attention_heads=p.heads, num_key_value_heads=p.kv_heads)
+
+    kw = dict(mode="lomo_accum", gpus=8, gpu_mem_bytes=24 * 10**9, seq_len=512, batch=2, dtype="fp16",
+              activation_checkpointing=True)
+    assert "predicted" in check_fits(config("7b"), **kw)
+    with pytest.raises(ValueError, match=r"^check_memory: lomo_accum on 8 x 22.4 GiB.* does not fit"):
+        check_fits(config("65b"), **kw, accum_dtype="fp16")
+    check_fits(config("65b"), **{**kw, "mode": "lomo"}, ds_config={"zero_optimization": {
+        "stage": 3, "stage3_max_live_parameters": 1e8, "stage3_max_reuse_distance": 1e8, "reduce_bucket_size": "auto"}})
