@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lomo_trainer import bench
-from lomo_trainer.bench_worker import MODES
+from lomo_trainer.bench import run as bench
+from lomo_trainer.bench.worker import MODES
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_bad_mode_is_named():
 
 
 def test_memory_cap_counts_the_cuda_context():
-    from lomo_trainer.bench import memory_cap_fraction
+    from lomo_trainer.bench.run import memory_cap_fraction
 
     total, context = 80 * 2**30, 2**30  # an 80 GiB device whose context and NCCL buffers take 1 GiB
     assert memory_cap_fraction(24, total, context) * total + context == 24 * 2**30
@@ -78,7 +78,7 @@ def test_memory_cap_counts_the_cuda_context():
 
 
 def test_device_column_adds_the_context_to_reserved():
-    from lomo_trainer.bench_report import MIB, _summarise
+    from lomo_trainer.bench.report import MIB, _summarise
 
     params = {"param_shards": 10 * MIB, "persistent_params": 0, "largest_param": MIB}
     opt = {"master": 0, "states": 0, "grad_partitions": 0, "fp32_grads": 0, "reduce_bucket": 0}

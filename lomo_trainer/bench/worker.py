@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from . import _zero
+from .. import _zero
 from .memstat import MemoryMeter
 
 MODES = ("lomo", "lomo_sync", "adalomo", "adamw", "sgd", "fwd_bwd", "fwd")
@@ -109,8 +109,8 @@ def _run(mode, cfg, rank, device, meter, baseline) -> dict:
             p.register_post_accumulate_grad_hook(record)
     lomo = None
     if mode in LOMO_MODES:
-        from .adalomo import AdaLomo
-        from .optimizer import LOMO
+        from ..adalomo import AdaLomo
+        from ..optimizer import LOMO
 
         cls = AdaLomo if mode == "adalomo" else LOMO
         lomo = cls(engine, lr=cfg["lr"], clip_grad_norm=None, overlap_comm=mode != "lomo_sync")

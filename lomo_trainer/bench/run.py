@@ -5,7 +5,7 @@
 Every mode runs in fresh processes (one per rank; forked on CPU, spawned on CUDA so no rank inherits a CUDA
 context), so peaks never mix. Writes OUT/bench.md (also printed), OUT/bench.json and OUT/bench.png.
 Memory: on CUDA ``max_memory_allocated`` / ``max_memory_reserved``; on CPU peak RSS above the process's RSS
-before the model was built (see memstat.py). Each mode's peak sits next to the planner's prediction.
+before the model was built (see bench/memstat.py). Each mode's peak sits next to the planner's prediction.
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import json
 import os
 import sys
 
-from . import bench_report
-from .bench_worker import MODES
+from . import report as bench_report
+from .worker import MODES
 from .llama_shapes import PRESETS, LlamaShape, load_shape
 from .planner import Setup, ZeroKnobs, breakdown
-from .local_ranks import run_ranks
+from ..local_ranks import run_ranks
 
 
 def _bench_rank(rank, world, mode, cfg):
@@ -28,7 +28,8 @@ def _bench_rank(rank, world, mode, cfg):
     tune_malloc()
     import torch
 
-    from . import _zero, bench_worker
+    from .. import _zero
+    from . import worker as bench_worker
 
     _zero.disable_cpu_shm_build()
     context = None
@@ -114,7 +115,7 @@ def main(argv=None) -> dict:
         import deepspeed  # noqa: F401  (imported once here; forked ranks inherit it)
         import transformers  # noqa: F401
 
-        from . import _zero
+        from .. import _zero
 
         _zero.disable_cpu_shm_build()
     try:
