@@ -48,13 +48,14 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, field
 
+from .gathering import fill_auto
 from .llama_shapes import LlamaShape, ceil_div, gib, load_shape
 
 # LOMO's update runs in slices of this many elements (optimizer.UPDATE_CHUNK; a test keeps them equal). Not
 # imported: the planner is arithmetic and must not pull in torch.
 UPDATE_CHUNK = 1 << 22
 
-MODES = ("lomo", "adalomo", "sgd", "adamw", "fwd_bwd", "fwd")
+MODES = ("lomo", "adalomo", "sgd", "adamw", "fwd_bwd_comm", "fwd_bwd", "fwd")
 OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 CUDA_OVERHEAD_BYTES = 2**30   # CUDA context (~0.5 GiB on an H100) + cuBLAS workspace + NCCL buffers
@@ -173,6 +174,8 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
         shard = ceil_div(largest, g)
         # AdaLomo's slice also holds G^2 (or a row-padded copy) and the update U: two more fp32 temporaries
         grad_in_flight += (d * shard if g > 1 else 0) + (16 if mode == "adalomo" else 8) * min(shard, UPDATE_CHUNK)
+    elif mode == "fwd_bwd_comm" and g > 1:  # the reduce-scatter's output, never applied
+        grad_in_flight += d * ceil_div(largest, g)
     t["gradient_buffers"] = grad_buffers
     t["gradient_in_flight"] = grad_in_flight
 
@@ -272,7 +275,8 @@ def main(argv=None) -> None:
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--offload-param", action="store_true")
     ap.add_argument("--ds-config", help="a DeepSpeed JSON whose zero_optimization knobs size ZeRO-3's buffers "
-                    "(\"auto\" and missing keys: DeepSpeed's defaults)")
+                    "(\"auto\" gathering limits: filled as LOMOTrainer fills them, bench/gathering.py; other "
+                    "\"auto\" and missing keys: DeepSpeed's defaults)")
     ap.add_argument("--json", action="store_true", help="print the breakdown as JSON instead")
     args = ap.parse_args(argv)
     try:
@@ -281,6 +285,8 @@ def main(argv=None) -> None:
         if args.ds_config:
             with open(args.ds_config) as f:
                 knobs = json.load(f).get("zero_optimization", {})
+            d = DTYPE_BYTES[args.dtype]
+            knobs = fill_auto(knobs, [k for _, k in shape.param_shapes()], args.gpus, d, int(args.gpu_mem_gb * 2**30))
             zero = ZeroKnobs.from_ds_config({k: v for k, v in knobs.items() if v != "auto"})
         setup = Setup(gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb, seq_len=args.seq_len, batch=args.batch,
                       dtype=args.dtype, activation_checkpointing=args.activation_checkpointing,
