@@ -96,7 +96,7 @@ class LOMOTrainer(Trainer):
             engine = self.deepspeed
             if engine is None:
                 world = dist.get_world_size() if dist.is_initialized() else 1
-                cfg = engine_config(self._ds_config, args, world)
+                cfg = engine_config(self._ds_config, args, world, model=self.model)
                 engine, *_ = deepspeed.initialize(model=self.model, config=cfg)
                 self.model_wrapped = self.deepspeed = engine
                 _hf.register_engine(self.accelerator, engine)

@@ -16,7 +16,8 @@ against the benchmark's measurements; see docs/benchmarks.md):
   ``stage3_max_reuse_distance`` elements of trace stays gathered. Both tails start at the LM head (backward's
   first module), so the larger one counts. With DeepSpeed's defaults (1e9 each) a model under ~1B parameters
   stays gathered whole, and a bigger one keeps 1e9 elements gathered (1.9 GiB in 16 bits) on every GPU.
-  Forward only: the prefetcher still runs ``stage3_max_live_parameters`` ahead.
+  Forward only: the prefetcher still runs ``stage3_max_live_parameters`` ahead. On one GPU nothing is copied:
+  a gathered parameter is a view of its (whole) shard.
 - gradients: LOMO and the floor hold one full gradient at a time (the largest parameter's, in the weight
   dtype). LOMO adds the reduce-scatter's output (the shard, on several GPUs) and its fp32 update math, done in
   slices of at most ``UPDATE_CHUNK`` elements (fp32 gradient and weight: 8 B each). DeepSpeed's ZeRO-3 optimizer keeps a partitioned gradient buffer
@@ -162,7 +163,9 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
     t: dict[str, int] = {}
     t["param_shards"] = 0 if setup.offload_param else d * n_shard
     t["persistent_params"] = d * persistent_numel
-    t["gathered_working_set"] = d * gathered_parameters(shape, z, training)
+    # One rank: DeepSpeed's "gather" makes the parameter a view of its whole shard (NoGatherHandle), no copy
+    alias = g == 1 and not setup.offload_param
+    t["gathered_working_set"] = 0 if alias else d * gathered_parameters(shape, z, training)
 
     # Gradients: buffers that live through the whole step, and the one full gradient in flight.
     grad_buffers = 0

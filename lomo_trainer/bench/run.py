@@ -139,7 +139,7 @@ def parse_args(argv=None):
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--offload-param", action="store_true")
     ap.add_argument("--memory-cap-gb", type=float, help="CUDA: cap each process at this many GB "
-                    "(set_per_process_memory_fraction); CPU: recorded, not enforced")
+                    "(set_per_process_memory_fraction); CPU: not enforced. Both: modes the planner says need more are not run")
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     ap.add_argument("--threads", type=int, default=1, help="CPU: torch threads per rank")
     ap.add_argument("--lr", type=float, default=1e-5)
