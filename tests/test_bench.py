@@ -116,6 +116,15 @@ def _build_on_rank(rank, world):
     tune_malloc()
     import torch
 
+    import gc
+
+    from lomo_trainer.bench.llama_shapes import PRESETS
+
+    # a first, tiny build pages in the code and imports of the path: only the model's own bytes are measured
+    tiny = {k: v for k, v in PRESETS["tiny"].as_dict().items() if k != "n_params"}
+    warm = build_model("lomo", _cfg(shape=tiny))
+    del warm
+    gc.collect()
     meter = MemoryMeter(torch.device("cpu"))
     meter.reset()
     before = meter.current()
@@ -132,11 +141,12 @@ def test_model_is_built_partitioned_never_whole():
 
     from lomo_trainer.bench.llama_shapes import LlamaShape
 
-    full = LlamaShape(**PART_SHAPE).n_params * 4
+    full, largest = LlamaShape(**PART_SHAPE).n_params * 4, LlamaShape(**PART_SHAPE).largest_param * 4
     for r in run_ranks(_build_on_rank, 2):
         assert r["partitioned"]
         assert r["held"] <= full / 2 + 64 * 1024, r  # the shard, plus padding of odd sizes
-        assert r["peak_growth"] < 0.8 * full, f"building grew RSS by {r['peak_growth']} of {full} bytes"
+        # the shard plus one module being built (the largest, 8 MB, with slack): a whole build needs `full`
+        assert r["peak_growth"] < r["held"] + 1.5 * largest < full, f"building grew RSS by {r['peak_growth']} B"
 
 
 def _comm_on_rank(rank, world):
