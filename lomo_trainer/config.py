@@ -497,8 +497,9 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
                         check_memory=lomo["check_memory"], warnings=warnings)
 
 
-def engine_config(ds_config: dict, args, world_size: int) -> dict:
-    """The config DeepSpeed gets: no optimizer, no scheduler, every "auto" resolved from ``args``."""
+def engine_config(ds_config: dict, args, world_size: int, model=None) -> dict:
+    """The config DeepSpeed gets: no optimizer, no scheduler, every "auto" resolved from ``args`` (and the
+    ZeRO-3 gathering limits from ``model``, the world size and the device's memory)."""
     cfg = copy.deepcopy(ds_config)
     cfg.pop("optimizer", None)
     cfg.pop("scheduler", None)
@@ -526,6 +527,11 @@ def engine_config(ds_config: dict, args, world_size: int) -> dict:
             if "auto_cast" in block:
                 cfg[key]["auto_cast"] = block["auto_cast"]
     zero = cfg.setdefault("zero_optimization", {})
+    if model is not None:  # "auto" gathering limits: per-rank memory that falls with the GPU count (bench/gathering.py)
+        from .bench.gathering import device_memory_bytes, fill_auto, model_numels
+
+        d = 2 if any((cfg.get(k) or {}).get("enabled") for k in ("fp16", "bf16")) else 4
+        zero.update(fill_auto(zero, model_numels(model), world_size, d, device_memory_bytes()))
     for key, value in list(zero.items()):
         if value == "auto":  # bucket sizes HF derives from the hidden size: DeepSpeed's defaults serve LOMO
             del zero[key]

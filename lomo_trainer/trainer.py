@@ -96,7 +96,7 @@ class LOMOTrainer(Trainer):
             engine = self.deepspeed
             if engine is None:
                 world = dist.get_world_size() if dist.is_initialized() else 1
-                cfg = engine_config(self._ds_config, args, world)
+                cfg = engine_config(self._ds_config, args, world, model=self.model)
                 engine, *_ = deepspeed.initialize(model=self.model, config=cfg)
                 self.model_wrapped = self.deepspeed = engine
                 _hf.register_engine(self.accelerator, engine)
@@ -291,7 +291,7 @@ class LOMOTrainer(Trainer):
     def _check_memory(self, train_dl) -> None:
         """check_memory (asked for, never by default): refuse, before the engine is built, a setting the planner
         predicts does not fit this GPU. The sequence length is the first batch's; LLaMA-shaped models only."""
-        from .planner import check_fits
+        from .bench.planner import check_fits
 
         s, args = self.lomo_settings, self.args
         if args.device.type != "cuda":

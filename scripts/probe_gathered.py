@@ -25,9 +25,9 @@ def main():
     import deepspeed  # noqa: F401  (imported once; the forked ranks inherit it)
 
     from lomo_trainer import _zero
-    from lomo_trainer.gather_probe import gathered_after_forward
-    from lomo_trainer.llama_shapes import PRESETS
-    from lomo_trainer.planner import ZeroKnobs, gathered_parameters
+    from lomo_trainer.bench.gather_probe import gathered_after_forward
+    from lomo_trainer.bench.llama_shapes import PRESETS
+    from lomo_trainer.bench.planner import ZeroKnobs, gathered_parameters
     from lomo_trainer.local_ranks import run_ranks
 
     _zero.disable_cpu_shm_build()

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lomo_trainer import bench
-from lomo_trainer.bench_worker import MODES
+from lomo_trainer.bench import run as bench
+from lomo_trainer.bench.worker import MODES
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_bad_mode_is_named():
 
 
 def test_memory_cap_counts_the_cuda_context():
-    from lomo_trainer.bench import memory_cap_fraction
+    from lomo_trainer.bench.run import memory_cap_fraction
 
     total, context = 80 * 2**30, 2**30  # an 80 GiB device whose context and NCCL buffers take 1 GiB
     assert memory_cap_fraction(24, total, context) * total + context == 24 * 2**30
@@ -77,7 +77,7 @@ def test_memory_cap_counts_the_cuda_context():
 
 
 def test_device_column_adds_the_context_to_reserved():
-    from lomo_trainer.bench_report import MIB, _summarise
+    from lomo_trainer.bench.report import MIB, _summarise
 
     params = {"param_shards": 10 * MIB, "persistent_params": 0, "largest_param": MIB}
     opt = {"master": 0, "states": 0, "grad_partitions": 0, "fp32_grads": 0, "reduce_bucket": 0}
@@ -97,3 +97,116 @@ def test_fp32_bench_measures_fp32(tmp_path):
     row = rep["rows"]["lomo"]
     assert row["param_dtype"] == "float32"
     assert row["params_mib"] >= rep["n_params"] * 4 / 2**20 * (1 - 1e-6)
+
+
+# ---------------------------------------------------------------- on 2 ranks: construction and fwd_bwd_comm
+# Big enough that building it whole shows in RSS (fp32: 42 MB, the largest parameter 8 MB).
+PART_SHAPE = {"name": "part", "vocab": 8000, "hidden": 256, "intermediate": 688, "layers": 8, "heads": 4, "kv_heads": 4}
+
+
+def _cfg(**kw):
+    return dict({"shape": PART_SHAPE, "seq_len": 16, "batch": 1, "dtype": "fp32", "lr": 1e-3}, **kw)
+
+
+def _build_on_rank(rank, world):
+    from lomo_trainer.bench.memstat import MemoryMeter, tune_malloc
+    from lomo_trainer.bench.worker import build_model
+
+    tune_malloc()
+    import torch
+
+    import gc
+
+    from lomo_trainer.bench.llama_shapes import PRESETS
+
+    # a first, tiny build pages in the code and imports of the path: only the model's own bytes are measured
+    tiny = {k: v for k, v in PRESETS["tiny"].as_dict().items() if k != "n_params"}
+    warm = build_model("lomo", _cfg(shape=tiny))
+    del warm
+    gc.collect()
+    meter = MemoryMeter(torch.device("cpu"))
+    meter.reset()
+    before = meter.current()
+    model = build_model("lomo", _cfg())
+    held = sum(p.numel() * p.element_size() + p.ds_tensor.numel() * p.ds_tensor.element_size()
+               for p in model.parameters())
+    return {"held": held, "peak_growth": meter.peak()["peak"] - before,
+            "partitioned": all(hasattr(p, "ds_tensor") for p in model.parameters())}
+
+
+def test_model_is_built_partitioned_never_whole():
+    """The 7B path's zero.Init: each rank holds half the bytes, and its RSS never grows by the whole model."""
+    from distributed import run_ranks
+
+    from lomo_trainer.bench.llama_shapes import LlamaShape
+
+    full, largest = LlamaShape(**PART_SHAPE).n_params * 4, LlamaShape(**PART_SHAPE).largest_param * 4
+    for r in run_ranks(_build_on_rank, 2):
+        assert r["partitioned"]
+        assert r["held"] <= full / 2 + 64 * 1024, r  # the shard, plus padding of odd sizes
+        # the shard plus one module being built (the largest, 8 MB, with slack): a whole build needs `full`
+        assert r["peak_growth"] < r["held"] + 1.5 * largest < full, f"building grew RSS by {r['peak_growth']} B"
+
+
+def _comm_on_rank(rank, world):
+    import torch
+
+    from lomo_trainer import _zero
+    from lomo_trainer.bench import worker
+
+    calls = []
+    real = _zero.reduce_to_shard
+    _zero.reduce_to_shard = lambda p, g, async_op=False: calls.append(p.ds_id) or real(p, g, async_op)
+    engine = worker._build("fwd_bwd_comm", _cfg(), torch.device("cpu"))
+    step = worker.MODES["fwd_bwd_comm"].make_step(engine, _cfg(), torch.device("cpu"))
+    before = [p.ds_tensor.clone() for p in engine.module.parameters()]
+    x = torch.randint(0, 8000, (1, 16), generator=torch.Generator().manual_seed(rank))
+    step(x)
+    step(x)
+    params = list(engine.module.parameters())
+    return {"calls": len(calls), "unique": len(set(calls)), "n": len(params),
+            "grads_left": sum(p.grad is not None for p in params),
+            "unchanged": all(torch.equal(b, p.ds_tensor) for b, p in zip(before, params))}
+
+
+def test_fwd_bwd_comm_reduces_every_gradient_and_updates_nothing():
+    from distributed import run_ranks
+
+    for r in run_ranks(_comm_on_rank, 2):
+        assert r["calls"] == 2 * r["n"] and r["unique"] == r["n"], r
+        assert r["grads_left"] == 0 and r["unchanged"]
+
+
+def test_repeat_interleaves_rounds_and_reports_median_and_spread(tmp_path):
+    import statistics
+
+    rep = bench.main(["--preset", "tiny", "--seq-len", "16", "--batch", "2", "--steps", "1", "--warmup", "0",
+                      "--world-size", "1", "--device", "cpu", "--modes", "lomo,fwd_bwd_comm,sgd", "--repeat", "3",
+                      "--out", str(tmp_path)])
+    rows, ratios = rep["rows"], rep["ratios"]
+    assert set(ratios) == {"lomo/fwd_bwd_comm", "lomo/sgd"}
+    for name, r in ratios.items():
+        a, b = name.split("/")
+        want = [x / y for x, y in zip(rows[a]["step_s_rounds"], rows[b]["step_s_rounds"])]
+        assert r["rounds"] == pytest.approx(want) and len(want) == 3
+        assert r["median"] == pytest.approx(statistics.median(want))
+        assert r["min"] == min(want) and r["max"] == max(want)
+    for r in rows.values():
+        assert r["step_s"] == pytest.approx(statistics.median(r["step_s_rounds"]))
+    assert "| lomo/fwd_bwd_comm |" in (tmp_path / "bench.md").read_text()
+
+
+def test_modes_the_planner_says_do_not_fit_are_not_run(tmp_path):
+    from lomo_trainer.bench.llama_shapes import PRESETS
+
+    cfg = {"shape": {k: v for k, v in PRESETS["tiny"].as_dict().items() if k != "n_params"}, "world_size": 1,
+           "seq_len": 16, "batch": 2, "dtype": "bf16", "activation_checkpointing": False, "offload_param": False,
+           "device": "cpu", "zero": {}}
+    plan = bench.predict(cfg)
+    cap = (plan["lomo"]["total"] + plan["adamw"]["total"]) / 2 / 2**30  # LOMO fits, AdamW does not
+    rep = bench.main(["--preset", "tiny", "--seq-len", "16", "--batch", "2", "--steps", "1", "--warmup", "0",
+                      "--world-size", "1", "--device", "cpu", "--modes", "lomo,adamw", "--memory-cap-gb", str(cap),
+                      "--out", str(tmp_path)])
+    assert rep["rows"]["lomo"]["status"] == "ok"
+    assert rep["rows"]["adamw"]["status"] == "does not fit (planned)"
+    assert rep["rows"]["adamw"]["planner_mib"] == pytest.approx(plan["adamw"]["total"] / 2**20)

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from lomo_trainer.llama_shapes import PRESETS, LlamaShape, load_shape
-from lomo_trainer.planner import Setup, ZeroKnobs, breakdown, format_plan, gathered_parameters, main, plan
+from lomo_trainer.bench.llama_shapes import PRESETS, LlamaShape, load_shape
+from lomo_trainer.bench.planner import Setup, ZeroKnobs, breakdown, format_plan, gathered_parameters, main, plan
 
 # A small LLaMA whose every term is worked out by hand below.
 SHAPE = LlamaShape("hand", vocab=1000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2)
@@ -168,7 +168,7 @@ GATHER_KNOBS = [  # (max_live_parameters, prefetch_bucket_size, max_reuse_distan
 def test_gathered_parameters_match_deepspeed():
     from distributed import run_ranks
 
-    from lomo_trainer.gather_probe import gathered_after_forward
+    from lomo_trainer.bench.gather_probe import gathered_after_forward
 
     settings = [{"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": bucket,
                  "stage3_max_live_parameters": max_live, "stage3_max_reuse_distance": reuse}
@@ -190,7 +190,8 @@ def test_planner_is_torch_free_and_counts_lomos_update_slice():
     import subprocess
     import sys
 
-    from lomo_trainer import optimizer, planner
+    from lomo_trainer import optimizer
+    from lomo_trainer.bench import planner
 
     assert planner.UPDATE_CHUNK == optimizer.UPDATE_CHUNK
     code = "import sys, lomo_trainer.planner; sys.exit('torch' in sys.modules)"
@@ -204,7 +205,7 @@ def test_adalomo_state_term_counts_rows_and_cols_of_the_real_model(tie):
 
     from transformers import LlamaForCausalLM
 
-    from lomo_trainer.planner import adalomo_state_numel
+    from lomo_trainer.bench.planner import adalomo_state_numel
 
     shape = LlamaShape("hand", vocab=1000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
                        tie_embeddings=tie)
@@ -222,7 +223,7 @@ def test_check_fits_is_the_start_up_check():
     """LOMOTrainer's check_memory (asked for only): the planner's verdict from the model's own config."""
     from transformers import LlamaConfig
 
-    from lomo_trainer.planner import check_fits
+    from lomo_trainer.bench.planner import check_fits
 
     def config(name):
         p = PRESETS[name]

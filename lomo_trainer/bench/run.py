@@ -5,20 +5,30 @@
 Every mode runs in fresh processes (one per rank; forked on CPU, spawned on CUDA so no rank inherits a CUDA
 context), so peaks never mix. Writes OUT/bench.md (also printed), OUT/bench.json and OUT/bench.png.
 Memory: on CUDA ``max_memory_allocated`` / ``max_memory_reserved``; on CPU peak RSS above the process's RSS
-before the model was built (see memstat.py). Each mode's peak sits next to the planner's prediction.
+before the model was built (see bench/memstat.py). Each mode's peak sits next to the planner's prediction.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
+import statistics
 import sys
 
-from . import bench_report
-from .bench_worker import MODES
+from . import report as bench_report
+from .gathering import KEYS as GATHERING_KEYS
+from .gathering import fill_auto
 from .llama_shapes import PRESETS, LlamaShape, load_shape
-from .planner import Setup, ZeroKnobs, breakdown
-from .local_ranks import run_ranks
+from .planner import DTYPE_BYTES, Setup, ZeroKnobs, breakdown
+from .worker import MODES
+
+# step-time ratios reported with median and spread over --repeat rounds: (numerator, denominator, meaning)
+RATIOS = (("lomo", "fwd_bwd_comm", "the update's own cost (target <= 1.05)"),
+          ("lomo", "sgd", "LOMO against ZeRO-3 SGD (target <= 1)"),
+          ("fwd_bwd_comm", "fwd_bwd", "what gradient communication costs"),
+          ("lomo", "fwd_bwd", "LOMO over the floor"))
+from ..local_ranks import run_ranks
 
 
 def _bench_rank(rank, world, mode, cfg):
@@ -28,7 +38,8 @@ def _bench_rank(rank, world, mode, cfg):
     tune_malloc()
     import torch
 
-    from . import _zero, bench_worker
+    from .. import _zero
+    from . import worker as bench_worker
 
     _zero.disable_cpu_shm_build()
     context = None
@@ -62,12 +73,49 @@ def run_mode(mode: str, cfg: dict, timeout: float = 3600) -> list[dict]:
 
 def predict(cfg: dict) -> dict:
     shape = LlamaShape(**cfg["shape"])
-    setup = Setup(gpus=cfg["world_size"], gpu_mem_gb=cfg.get("memory_cap_gb") or 80.0, seq_len=cfg["seq_len"],
+    setup = Setup(gpus=cfg["world_size"], gpu_mem_gb=cfg.get("fit_gb") or 80.0, seq_len=cfg["seq_len"],
                   batch=cfg["batch"], dtype=cfg["dtype"], activation_checkpointing=cfg["activation_checkpointing"],
                   offload_param=cfg["offload_param"], device=cfg["device"], fused_adamw=cfg["device"] == "cuda",
-                  zero=ZeroKnobs())
-    # the overlap keeps one more gradient alive after the peak (see planner.py): one prediction for both LOMOs
-    return {m: breakdown(shape, setup, "lomo" if m == "lomo_sync" else m) for m in MODES}
+                  zero=ZeroKnobs.from_ds_config(cfg.get("zero") or {}))
+    return {m: breakdown(shape, setup, MODES[m].plan or m) for m in MODES}
+
+
+def resolve_zero(overrides: dict, shape: LlamaShape, world: int, dtype: str, mem_bytes: int | None) -> dict:
+    """zero_optimization overrides with "auto" gathering limits filled for this model, world and memory."""
+    return fill_auto(overrides, [k for _, k in shape.param_shapes()], world, DTYPE_BYTES[dtype], mem_bytes)
+
+
+def fit_gb(cfg: dict) -> float | None:
+    """The memory one rank may use: the CUDA cap, or on CPU the available RAM shared by the ranks."""
+    if cfg.get("memory_cap_gb"):
+        return cfg["memory_cap_gb"]
+    if cfg["device"] == "cpu":
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return avail / 2**20 / cfg["world_size"]
+    return None
+
+
+def ratios(results: dict) -> dict:
+    """Step-time ratios of the pairs in RATIOS, one per round (modes ran interleaved): median and spread."""
+    out = {}
+    for a, b, meaning in RATIOS:
+        if a not in results or b not in results:
+            continue
+        per_round = [_step_s(ra) / _step_s(rb) for ra, rb in zip(results[a], results[b])
+                     if _ok(ra) and _ok(rb)]
+        if per_round:
+            out[f"{a}/{b}"] = {"meaning": meaning, "rounds": per_round, "median": statistics.median(per_round),
+                               "min": min(per_round), "max": max(per_round)}
+    return out
+
+
+def _ok(ranks):
+    return all(r["status"] == "ok" for r in ranks)
+
+
+def _step_s(ranks):
+    return max(r["median_step_s"] for r in ranks)
 
 
 def _cuda_available() -> bool:
@@ -91,18 +139,32 @@ def parse_args(argv=None):
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--offload-param", action="store_true")
     ap.add_argument("--memory-cap-gb", type=float, help="CUDA: cap each process at this many GB "
-                    "(set_per_process_memory_fraction); CPU: recorded, not enforced")
+                    "(set_per_process_memory_fraction); CPU: not enforced. Both: modes the planner says need more are not run")
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     ap.add_argument("--threads", type=int, default=1, help="CPU: torch threads per rank")
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds: every mode once per round, fresh processes, the "
+                    "order rotated each round; step time = median over rounds, ratios with their spread")
+    ap.add_argument("--zero", default="{}", help="zero_optimization overrides as JSON; \"auto\" for "
+                    "stage3_max_live_parameters / stage3_max_reuse_distance / stage3_prefetch_bucket_size fills "
+                    "them as LOMOTrainer does (bench/gathering.py)")
+    ap.add_argument("--auto-gathering", action="store_true", help="shorthand: the three gathering limits \"auto\"")
+    ap.add_argument("--run-unfit", action="store_true", help="also run modes the planner says do not fit")
     ap.add_argument("--out", default="runs/bench")
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
     if bad:
         ap.error(f"--modes: unknown {bad}; choose from {','.join(MODES)}")
-    if args.steps < 1 or args.warmup < 0 or args.world_size < 1:
-        ap.error("--steps must be >= 1, --warmup >= 0 and --world-size >= 1")
+    if args.steps < 1 or args.warmup < 0 or args.world_size < 1 or args.repeat < 1:
+        ap.error("--steps and --repeat must be >= 1, --warmup >= 0 and --world-size >= 1")
+    try:
+        args.zero = json.loads(args.zero)
+        assert isinstance(args.zero, dict)
+    except (ValueError, AssertionError):
+        ap.error(f"--zero: a JSON object of zero_optimization keys, got {args.zero!r}")
+    if args.auto_gathering:
+        args.zero.update(dict.fromkeys(GATHERING_KEYS, "auto"))
     return args, modes
 
 
@@ -114,7 +176,7 @@ def main(argv=None) -> dict:
         import deepspeed  # noqa: F401  (imported once here; forked ranks inherit it)
         import transformers  # noqa: F401
 
-        from . import _zero
+        from .. import _zero
 
         _zero.disable_cpu_shm_build()
     try:
@@ -125,14 +187,28 @@ def main(argv=None) -> dict:
            "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "world_size": args.world_size,
            "dtype": args.dtype, "activation_checkpointing": args.activation_checkpointing,
            "offload_param": args.offload_param, "memory_cap_gb": args.memory_cap_gb, "device": device,
-           "threads": args.threads, "lr": args.lr}
+           "threads": args.threads, "lr": args.lr, "repeat": args.repeat}
+    cfg["fit_gb"] = fit_gb(cfg)
+    mem = int(cfg["fit_gb"] * 2**30) if device == "cuda" and cfg["fit_gb"] else None
+    cfg["zero"] = resolve_zero(args.zero, shape, args.world_size, args.dtype, mem)
     predictions = predict(cfg)
-    results = {}
-    for mode in modes:
-        print(f"[bench] {mode} on {args.world_size} {device} rank(s) ...", flush=True)
-        results[mode] = run_mode(mode, cfg)
+    unfit = [m for m in modes if cfg["fit_gb"] and not args.run_unfit
+             and predictions[m]["total_with_overhead"] > cfg["fit_gb"] * 2**30]
+    results = {m: [] for m in modes}
+    for r in range(args.repeat):
+        order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotated: no mode always runs first
+        for mode in order:
+            if mode in unfit:
+                if r == 0:
+                    print(f"[bench] {mode}: the planner needs {predictions[mode]['total_with_overhead'] / 2**30:.1f} "
+                          f"GiB per rank, {cfg['fit_gb']:.1f} GiB available: not run", flush=True)
+                results[mode].append([{"mode": mode, "status": "does not fit (planned)", "rank": 0}])
+                continue
+            print(f"[bench] round {r + 1}/{args.repeat}: {mode} on {args.world_size} {device} rank(s) ...", flush=True)
+            results[mode].append(run_mode(mode, cfg))
     report = bench_report.build(cfg, results, predictions)
-    report["command"] = "python -m lomo_trainer.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    report["ratios"] = ratios(results)
+    report["command"] = "python -m lomo_trainer.bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     os.makedirs(args.out, exist_ok=True)
     md = bench_report.markdown(report)
     with open(os.path.join(args.out, "bench.md"), "w") as f:

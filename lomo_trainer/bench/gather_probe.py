@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _zero
+from .. import _zero
 from .llama_shapes import LlamaShape
 
 

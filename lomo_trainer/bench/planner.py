@@ -1,0 +1,341 @@
+"""Per-GPU peak memory of LOMO, SGD and AdamW under DeepSpeed ZeRO-3, term by term.
+
+    python -m lomo_trainer.planner --model 65b --gpus 8 --gpu-mem-gb 24 --seq-len 512 --batch 1 \
+        --activation-checkpointing
+
+The arithmetic follows what DeepSpeed 0.19.8 and transformers 5.x allocate (read from their code, checked
+against the benchmark's measurements; see docs/benchmarks.md):
+
+- parameter shards: every parameter's ``ds_tensor`` holds ``ceil(numel / gpus)`` elements (0 on the GPU with
+  ``offload_param``); parameters under ``stage3_param_persistence_threshold`` also stay gathered, whole.
+- gathered working set: ZeRO-3 gathers module by module, but once its trace is complete (from the second
+  step on) it does not release what it will need again soon, so training reaches backward with a whole tail
+  of the model gathered (measured on DeepSpeed 0.19.8 by counting gathered parameters; docs/benchmarks.md):
+  the prefetcher runs ahead into backward's part of the trace and keeps what it fetched there, up to
+  ``stage3_max_live_parameters`` elements; and a parameter whose next use lies within
+  ``stage3_max_reuse_distance`` elements of trace stays gathered. Both tails start at the LM head (backward's
+  first module), so the larger one counts. With DeepSpeed's defaults (1e9 each) a model under ~1B parameters
+  stays gathered whole, and a bigger one keeps 1e9 elements gathered (1.9 GiB in 16 bits) on every GPU.
+  Forward only: the prefetcher still runs ``stage3_max_live_parameters`` ahead. On one GPU nothing is copied:
+  a gathered parameter is a view of its (whole) shard.
+- gradients: LOMO and the floor hold one full gradient at a time (the largest parameter's, in the weight
+  dtype). LOMO adds the reduce-scatter's output (the shard, on several GPUs) and its fp32 update math, done in
+  slices of at most ``UPDATE_CHUNK`` elements (fp32 gradient and weight: 8 B each). DeepSpeed's ZeRO-3 optimizer keeps a partitioned gradient buffer
+  (weight dtype), an fp32 gradient buffer for the optimizer, and the reduce bucket
+  (``reduce_bucket_size`` elements, allocated whole on a GPU; on CPU only the pages written count); its step
+  makes the fp32 gradient of the shard (4 B per element) for the torch optimizer and frees it after.
+  LOMO's ``overlap_comm`` keeps the previous parameter's gradient alive until the next one is ready. The
+  first gradient of backward is the LM head's (a tied embedding's comes last), so nothing is pending at the
+  peak moment: the overlap adds nothing to the peak (the benchmark's lomo and lomo_sync rows check this).
+- gradient accumulation (``lomo_accum``: LOMO with ``accumulate=True``, any number of micro-steps, or
+  ``clip_mode="buffered"`` at one): a buffer of this device's shards in ``accum_dtype`` (4 B fp32, or 2 B in the
+  training dtype) lives through the whole step; the update then runs from it in LOMO's fp32 slices.
+- optimizer states: AdamW = fp32 master + m + v (12 B per element of the shard; the master copy is the weight
+  itself in fp32 training); SGD without momentum = fp32 master (4 B); LOMO = 0.
+- activations (HF LLaMA with SDPA/flash attention, no s^2 term), bytes per token per layer, d = weight bytes:
+  ``d * (7h + 2 kv + 4i) + 8h + 4 heads``: norm inputs upcast to fp32 and normalised (4h + d h each, two norms),
+  norm outputs (2 d h), q/k/v after RoPE (d (h + 2 kv)), attention output and o_proj input (2 d h), the
+  SwiGLU gate, SiLU, up and product (4 d i), and the attention log-sum-exp (4 heads). With activation
+  checkpointing: each layer's input (d h) plus one layer recomputed.
+- the loss: the logits are upcast to fp32 for the cross entropy; its backward holds the saved log-probs, their
+  gradient and the logits' gradient at once: 12 B x vocab per token. The peak of backward is the larger of that
+  moment and the LM-head backward (logits gradient d x vocab per token + the largest full gradient).
+- AdamW/SGD also have a step phase (no activations; the fp32 gradient, and torch's multi-tensor AdamW makes
+  one more fp32 temporary of the shard); the peak is the larger phase.
+- framework overhead (GPU only, for the verdict): CUDA context + cuBLAS workspace + NCCL buffers, about
+  1 GiB, and the caching allocator's reserve over what is allocated, taken as 10%. Measured peaks
+  (``max_memory_allocated``) are compared with the total before these two.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+
+from .gathering import fill_auto
+from .llama_shapes import LlamaShape, ceil_div, from_hf_config, gib, load_shape
+
+# LOMO's update runs in slices of this many elements (optimizer.UPDATE_CHUNK; a test keeps them equal). Not
+# imported: the planner is arithmetic and must not pull in torch.
+UPDATE_CHUNK = 1 << 22
+
+MODES = ("lomo", "lomo_accum", "adalomo", "sgd", "adamw", "fwd_bwd_comm", "fwd_bwd", "fwd")
+OPTIMIZERS = ("lomo", "lomo_accum", "adalomo", "sgd", "adamw")
+DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+CUDA_OVERHEAD_BYTES = 2**30   # CUDA context (~0.5 GiB on an H100) + cuBLAS workspace + NCCL buffers
+ALLOCATOR_RESERVE = 0.10      # max_memory_reserved over max_memory_allocated, typical of a training loop
+
+
+@dataclass(frozen=True)
+class ZeroKnobs:
+    """DeepSpeed ZeRO-3 settings that size buffers (DeepSpeed's defaults, not HF's "auto" values)."""
+    prefetch_bucket_size: int = int(5e7)
+    max_live_parameters: int = int(1e9)
+    param_persistence_threshold: int = int(1e5)
+    reduce_bucket_size: int = int(5e8)
+    max_reuse_distance: int = int(1e9)
+
+    @classmethod
+    def from_ds_config(cls, zero: dict) -> "ZeroKnobs":
+        d = cls()
+        return cls(int(zero.get("stage3_prefetch_bucket_size", d.prefetch_bucket_size)),
+                   int(zero.get("stage3_max_live_parameters", d.max_live_parameters)),
+                   int(zero.get("stage3_param_persistence_threshold", d.param_persistence_threshold)),
+                   int(zero.get("reduce_bucket_size", d.reduce_bucket_size)),
+                   int(zero.get("stage3_max_reuse_distance", d.max_reuse_distance)))
+
+
+@dataclass(frozen=True)
+class Setup:
+    gpus: int = 1
+    gpu_mem_gb: float = 24.0
+    seq_len: int = 512
+    batch: int = 1
+    dtype: str = "bf16"
+    activation_checkpointing: bool = False
+    offload_param: bool = False
+    device: str = "cuda"              # "cpu": figures are bytes of RSS above the process baseline
+    fused_adamw: bool = True          # torch AdamW(fused=True) on CUDA; the multi-tensor path makes a temporary
+    accum_dtype: str = "fp32"         # lomo_accum's gradient buffer
+    zero: ZeroKnobs = field(default_factory=ZeroKnobs)
+
+    def __post_init__(self):
+        if self.gpus < 1 or self.seq_len < 1 or self.batch < 1:
+            raise ValueError("gpus, seq_len and batch must be >= 1 (check --gpus / --seq-len / --batch)")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.accum_dtype not in ("fp32", self.dtype):
+            raise ValueError(f"accum_dtype must be fp32 or the training dtype {self.dtype}, got {self.accum_dtype!r}")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.batch
+
+
+def activation_bytes_per_token_layer(shape: LlamaShape, d: int) -> int:
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    return d * (7 * h + 2 * kv + 4 * i) + 8 * h + 4 * shape.heads
+
+
+def gathered_parameters(shape: LlamaShape, z: ZeroKnobs, training: bool = True) -> int:
+    """Elements ZeRO-3 holds gathered at the peak, once its trace is complete (see the module docstring).
+
+    The trace is the forward's modules, then the same in reverse for backward. A module released in forward
+    stays gathered if its backward use comes before ``max_reuse_distance`` elements of trace have gone by
+    (DeepSpeed counts the modules in between: everything after it in forward, twice): exact against
+    DeepSpeed in tests/test_planner.py. The prefetcher keeps what it fetched ahead, up to
+    ``max_live_parameters`` (DeepSpeed overshoots it by the last module fetched: 2% on a 268M model; see
+    scripts/probe_gathered.py)."""
+    sizes = [k for _, k in shape.param_shapes()]  # one module per parameter, in forward order
+    n = sum(sizes)
+    prefetch = z.prefetch_bucket_size > 0
+    if not training:  # the module running, or what is prefetched ahead (the embedding is fetched on demand)
+        return max(min(z.max_live_parameters, n - sizes[0]) if prefetch else 0, sizes[0] + max(sizes[1:], default=0))
+    prefetched = min(z.max_live_parameters, n) if prefetch else 0
+    after, reuse_tail = 0, 0
+    for k in reversed(sizes):
+        if 2 * after < z.max_reuse_distance:
+            reuse_tail += k
+        after += k
+    head = sizes[0] if shape.tie_embeddings else sizes[-1]
+    return max(reuse_tail, prefetched, head)  # the LM head at least, for its own backward
+
+
+def adalomo_state_numel(shape: LlamaShape, gpus: int) -> int:
+    """fp32 elements of AdaLomo's state on one device: rows + cols of every weight matrix (replicated on the ranks
+    of its partition group: each needs the whole parameter's factors) and this rank's span of each norm weight's
+    full second moment. Per-parameter step counters (one float each) are left out."""
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    per_layer = 2 * (h + h) + 2 * (kv + h) + 3 * (i + h) + 2 * ceil_div(h, gpus)
+    embeddings = (shape.vocab + h) * (1 if shape.tie_embeddings else 2)
+    return embeddings + shape.layers * per_layer + ceil_div(h, gpus)
+
+
+def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
+    """Predicted per-device peak for ``mode`` (one of MODES), as a dict of byte terms with ``total``
+    (what ``max_memory_allocated`` / RSS above baseline should show) and ``total_with_overhead``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    d, g, z, T = DTYPE_BYTES[setup.dtype], setup.gpus, setup.zero, setup.tokens
+    params = shape.param_shapes()
+    n = shape.n_params
+    n_shard = sum(ceil_div(k, g) for _, k in params)     # elements of this device's shards, padding included
+    persistent_numel = sum(k for _, k in params if k < z.param_persistence_threshold)
+    largest = shape.largest_param
+    training = mode != "fwd"
+
+    t: dict[str, int] = {}
+    t["param_shards"] = 0 if setup.offload_param else d * n_shard
+    t["persistent_params"] = d * persistent_numel
+    # One rank: DeepSpeed's "gather" makes the parameter a view of its whole shard (NoGatherHandle), no copy
+    alias = g == 1 and not setup.offload_param
+    t["gathered_working_set"] = 0 if alias else d * gathered_parameters(shape, z, training)
+
+    # Gradients: buffers that live through the whole step, and the one full gradient in flight.
+    grad_buffers = 0
+    if mode in ("adamw", "sgd"):
+        bucket = z.reduce_bucket_size if setup.device == "cuda" else min(z.reduce_bucket_size, n)
+        grad_buffers = d * n_shard + d * bucket
+    elif mode == "lomo_accum":  # the accumulation buffer: this device's shards (padding excluded; ignored here)
+        grad_buffers = DTYPE_BYTES[setup.accum_dtype] * n_shard
+    grad_in_flight = d * largest if training else 0
+    if mode == "lomo_accum":  # backward only reduce-scatters and adds: no update math alongside
+        grad_in_flight += d * ceil_div(largest, g) if g > 1 else 0
+    elif mode in ("lomo", "adalomo"):  # reduce-scatter output, and the update's fp32 gradient and weight, by slices
+        shard = ceil_div(largest, g)
+        # AdaLomo's slice also holds G^2 (or a row-padded copy) and the update U: two more fp32 temporaries
+        grad_in_flight += (d * shard if g > 1 else 0) + (16 if mode == "adalomo" else 8) * min(shard, UPDATE_CHUNK)
+    elif mode == "fwd_bwd_comm" and g > 1:  # the reduce-scatter's output, never applied
+        grad_in_flight += d * ceil_div(largest, g)
+    t["gradient_buffers"] = grad_buffers
+    t["gradient_in_flight"] = grad_in_flight
+
+    master = 0 if d == 4 else 4 * n_shard
+    t["optimizer_states"] = {"adamw": master + 8 * n_shard, "sgd": master,
+                             "adalomo": 4 * adalomo_state_numel(shape, g)}.get(mode, 0)
+    adam_temp = 0 if (setup.device == "cuda" and setup.fused_adamw) else 4 * n_shard
+    # The step makes the fp32 gradient of the shard, and multi-tensor AdamW one more fp32 temporary.
+    t["optimizer_step_temporaries"] = (4 * n_shard + (adam_temp if mode == "adamw" else 0)) if mode in ("adamw", "sgd") else 0
+    if mode == "lomo_accum":  # the update from the buffer: fp32 gradient and weight of one slice
+        t["optimizer_step_temporaries"] = 8 * min(ceil_div(largest, g), UPDATE_CHUNK)
+
+    per_layer = activation_bytes_per_token_layer(shape, d)
+    norm_out = (4 * shape.hidden + 2 * d * shape.hidden) * T           # final RMSNorm, saved for backward
+    if not training:  # no_grad: nothing saved; a layer's transients, then the logits, their fp32 copy and log-probs
+        t["activations"] = d * (2 * shape.hidden + 3 * shape.intermediate) * T
+        t["loss_logits"] = (d + 8 - (4 if d == 4 else 0)) * shape.vocab * T
+    elif setup.activation_checkpointing:
+        t["activations"] = d * shape.hidden * T * shape.layers + per_layer * T + norm_out
+        t["loss_logits"] = 12 * shape.vocab * T
+    else:
+        t["activations"] = per_layer * T * shape.layers + norm_out
+        t["loss_logits"] = 12 * shape.vocab * T
+
+    static = t["param_shards"] + t["persistent_params"] + grad_buffers + t["optimizer_states"]
+    if training:
+        # Backward's peak: the cross-entropy backward, or the LM head's backward with its full gradient.
+        head = d * shape.vocab * T + grad_in_flight
+        backward = static + t["gathered_working_set"] + t["activations"] + max(t["loss_logits"], head)
+        step = static + t["optimizer_step_temporaries"]
+        t["peak_moment"] = "loss backward" if t["loss_logits"] >= head else "lm_head backward"
+        if step > backward:
+            t["peak_moment"] = "optimizer step"
+        total = max(backward, step)
+    else:
+        total = static + t["gathered_working_set"] + max(t["activations"], t["loss_logits"])
+        t["peak_moment"] = "forward (loss)"
+    t["total"] = total
+    overhead = CUDA_OVERHEAD_BYTES if setup.device == "cuda" else 0
+    t["framework_overhead"] = overhead
+    t["total_with_overhead"] = int(total * (1 + ALLOCATOR_RESERVE)) + overhead if setup.device == "cuda" else total
+    t["fits"] = t["total_with_overhead"] <= setup.gpu_mem_gb * 2**30
+    return t
+
+
+def check_fits(model_config, *, mode: str, gpus: int, gpu_mem_bytes: int, seq_len: int, batch: int, dtype: str,
+               accum_dtype: str = "fp32", activation_checkpointing: bool = False, ds_config: dict | None = None) -> str:
+    """LOMOTrainer's start-up check (``check_memory``, off by default): the planner's verdict for this run, as one
+    line; raises ValueError naming the figures when it predicts the setting does not fit."""
+    zero = (ds_config or {}).get("zero_optimization", {})
+    setup = Setup(gpus=gpus, gpu_mem_gb=gpu_mem_bytes / 2**30, seq_len=seq_len, batch=batch, dtype=dtype,
+                  accum_dtype=accum_dtype, activation_checkpointing=activation_checkpointing,
+                  offload_param=(zero.get("offload_param") or {}).get("device", "none") == "cpu",
+                  zero=ZeroKnobs.from_ds_config({k: v for k, v in zero.items() if v != "auto"}))
+    t = breakdown(from_hf_config(model_config), setup, mode)
+    line = (f"{mode} on {gpus} x {setup.gpu_mem_gb:.1f} GiB, {dtype}, seq {seq_len} x batch {batch}: predicted "
+            f"{gib(t['total_with_overhead']):.2f} GiB per GPU (buffer {gib(t['gradient_buffers']):.2f} GiB)")
+    if not t["fits"]:
+        raise ValueError(f"check_memory: {line} does not fit; lower the batch or sequence, use a 16-bit "
+                         "accumulation_dtype or clip_mode other than \"buffered\", or drop check_memory to try anyway")
+    return line
+
+
+def plan(shape: LlamaShape, setup: Setup, modes=OPTIMIZERS) -> dict:
+    return {"model": shape.as_dict(), "setup": asdict(setup),
+            "modes": {m: breakdown(shape, setup, m) for m in modes}}
+
+
+def format_plan(shape: LlamaShape, setup: Setup, modes=OPTIMIZERS) -> str:
+    d, g = DTYPE_BYTES[setup.dtype], setup.gpus
+    n = shape.n_params
+    lines = [f"model {shape.name}: {n / 1e9:.3f} B params (hidden {shape.hidden}, intermediate {shape.intermediate}, "
+             f"layers {shape.layers}, heads {shape.heads}/{shape.kv_heads} kv, vocab {shape.vocab})",
+             f"setup: {g} x {setup.gpu_mem_gb:g} GB, {setup.dtype} ({d} B), seq {setup.seq_len} x batch {setup.batch}"
+             f" = {setup.tokens} tokens/GPU, activation checkpointing {'on' if setup.activation_checkpointing else 'off'},"
+             f" parameters offloaded {'yes' if setup.offload_param else 'no'}", ""]
+    per_layer = activation_bytes_per_token_layer(shape, d)
+    how = {
+        "param_shards": "0 (offloaded to CPU)" if setup.offload_param else f"{d} B x {n / 1e9:.3f} B / {g}",
+        "persistent_params": f"{d} B x params < {setup.zero.param_persistence_threshold:.0e} elements, whole",
+        "gathered_working_set": f"{d} B x what ZeRO-3 keeps gathered into backward (max_live_parameters"
+                                f" {setup.zero.max_live_parameters:.0e}, max_reuse_distance {setup.zero.max_reuse_distance:.0e})",
+        "gradient_buffers": f"SGD/AdamW: {d} B x {n / 1e9:.3f} B / {g} + {d} B x reduce bucket; lomo_accum: "
+                            f"{DTYPE_BYTES[setup.accum_dtype]} B ({setup.accum_dtype}) x {n / 1e9:.3f} B / {g}",
+        "gradient_in_flight": f"{d} B x largest parameter {shape.largest_param / 1e6:.1f} M"
+                              " (LOMO: + its reduced shard, and fp32 gradient and weight of one update slice)",
+        "optimizer_states": "AdamW 12 B / SGD 4 B / LOMO 0 x params / gpus (fp32 master counted only for 16-bit)",
+        "optimizer_step_temporaries": "step: fp32 gradient of the shard (+1 fp32 shard: multi-tensor AdamW; "
+                                      "lomo_accum: one fp32 slice)",
+        "activations": (f"{d} B x h x {setup.tokens} tokens x {shape.layers} layers + one layer {per_layer} B/token"
+                        if setup.activation_checkpointing else
+                        f"{per_layer} B/token/layer x {setup.tokens} tokens x {shape.layers} layers"),
+        "loss_logits": f"12 B x vocab {shape.vocab} x {setup.tokens} tokens (fp32 cross entropy)",
+    }
+    for mode in modes:
+        t = breakdown(shape, setup, mode)
+        lines.append(f"== {mode}")
+        for key, text in how.items():
+            lines.append(f"  {key:28s} {gib(t[key]):9.3f} GiB   {text}")
+        lines.append(f"  {'peak (' + t['peak_moment'] + ')':28s} {gib(t['total']):9.3f} GiB   "
+                     "the larger of backward (all but step temporaries) and the optimizer step")
+        if setup.device == "cuda":
+            lines.append(f"  {'+ overhead':28s} {gib(t['total_with_overhead']):9.3f} GiB   "
+                         f"x{1 + ALLOCATOR_RESERVE:.2f} allocator reserve + {gib(CUDA_OVERHEAD_BYTES):.1f} GiB CUDA/NCCL")
+        verdict = "fits" if t["fits"] else "does not fit"
+        lines.append(f"  verdict: {verdict} in {setup.gpu_mem_gb:g} GB\n")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m lomo_trainer.planner", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="preset (7b, 13b, 30b, 65b, 1b, small, tiny), a LLaMA hub name "
+                    "of a known size, or a local folder / config.json")
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--gpu-mem-gb", type=float, default=24.0)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="fp16")
+    ap.add_argument("--accum-dtype", choices=sorted(DTYPE_BYTES), default="fp32",
+                    help="lomo_accum's gradient buffer: fp32, or the training dtype (--dtype) to halve it")
+    ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--offload-param", action="store_true")
+    ap.add_argument("--ds-config", help="a DeepSpeed JSON whose zero_optimization knobs size ZeRO-3's buffers "
+                    "(\"auto\" gathering limits: filled as LOMOTrainer fills them, bench/gathering.py; other "
+                    "\"auto\" and missing keys: DeepSpeed's defaults)")
+    ap.add_argument("--json", action="store_true", help="print the breakdown as JSON instead")
+    args = ap.parse_args(argv)
+    try:
+        shape = load_shape(args.model)
+        zero = ZeroKnobs()
+        if args.ds_config:
+            with open(args.ds_config) as f:
+                knobs = json.load(f).get("zero_optimization", {})
+            d = DTYPE_BYTES[args.dtype]
+            knobs = fill_auto(knobs, [k for _, k in shape.param_shapes()], args.gpus, d, int(args.gpu_mem_gb * 2**30))
+            zero = ZeroKnobs.from_ds_config({k: v for k, v in knobs.items() if v != "auto"})
+        setup = Setup(gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb, seq_len=args.seq_len, batch=args.batch,
+                      dtype=args.dtype, accum_dtype=args.accum_dtype,
+                      activation_checkpointing=args.activation_checkpointing,
+                      offload_param=args.offload_param, zero=zero)
+    except (ValueError, OSError) as e:
+        ap.error(str(e))
+    if args.json:
+        print(json.dumps(plan(shape, setup), indent=1))
+    else:
+        print(format_plan(shape, setup))
+
+
+if __name__ == "__main__":
+    main()
