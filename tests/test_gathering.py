@@ -67,7 +67,7 @@ def test_engine_config_fills_auto_from_the_model():
     from lomo_trainer.config import engine_config
 
     model = torch.nn.Sequential(torch.nn.Linear(100, 200), torch.nn.Linear(200, 10))
-    args = SimpleNamespace(per_device_train_batch_size=2, fp16=False, bf16=True)
+    args = SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=1, fp16=False, bf16=True)
     ds = {"zero_optimization": {"stage": 3, **AUTO}, "bf16": {"enabled": "auto"}}
     filled = engine_config(ds, args, world_size=2, model=model)["zero_optimization"]
     want = auto_gathering(model_numels(model), 2, 2)
