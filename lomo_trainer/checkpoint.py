@@ -153,11 +153,6 @@ def resolve(resume, output_dir: str) -> str | None:
     return folder
 
 
-def save_state(obj, path: str) -> None:
-    """torch.save of plain data (tensors, numbers, strings, containers): loadable with weights_only=True."""
-    torch.save(obj, path)
-
-
 def load_state(path: str):
     """Load a state file without running code from it; a bad file is named in one line."""
     if not os.path.isfile(path):

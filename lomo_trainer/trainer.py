@@ -76,9 +76,7 @@ class LOMOTrainer(Trainer):
         for message in self.lomo_settings.warnings:
             logger.warning(message)
         _hf.strip_deepspeed_optimizer(args)
-        self.max_consecutive_skips = self.lomo_settings.max_consecutive_skips
         super().__init__(model, args, *pos, **kwargs)
-        self._stop_signal = False
         self._tokens = None
         self._consecutive_skips = 0
 
@@ -239,7 +237,7 @@ class LOMOTrainer(Trainer):
                     self.state.global_step += 1
                     self.state.epoch = epoch + (i + 1) / steps_per_epoch
                     self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-                    if self._stop_requested():
+                    if self.optimizer.stop_requested:  # any rank's SIGTERM, agreed at the step's one sync
                         self.control.should_save = self.control.should_training_stop = True
                     self._log_evaluate_save()
                     if self.control.should_epoch_stop or self.control.should_training_stop:
@@ -251,7 +249,7 @@ class LOMOTrainer(Trainer):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-        if self._stop_signal:
+        if self.optimizer.stop_requested:
             logger.warning(f"SIGTERM: saved {CKPT_PREFIX}{self.state.global_step}, exiting")
             raise SystemExit(128 + signal.SIGTERM)
 
@@ -324,7 +322,7 @@ class LOMOTrainer(Trainer):
             self._consecutive_skips += 1
         elif not skipped:
             self._consecutive_skips = 0
-        if self._consecutive_skips >= self.max_consecutive_skips:
+        if self._consecutive_skips >= self.lomo_settings.max_consecutive_skips:
             if self._steps_since_log:
                 self.log(self._step_metrics())
             last = last_checkpoint(self.args.output_dir)
@@ -334,14 +332,7 @@ class LOMOTrainer(Trainer):
                 + (f"then resume from {last}" if last else "then start again"))
 
     def _on_sigterm(self, signum, frame):
-        self._stop_signal = True
-        if isinstance(self.optimizer, LOMO):
-            self.optimizer.request_stop()
-
-    def _stop_requested(self) -> bool:
-        """True on every rank once any rank got SIGTERM: the flag rides the optimizer's one sync per step."""
-        self._stop_signal = self.optimizer.stop_requested
-        return self._stop_signal
+        self.optimizer.request_stop()  # installed once the optimizer exists; shared at the next step's sync
 
     def _log_evaluate_save(self) -> None:
         """As the stock Trainer's log/evaluate/save: the best metric is tracked, ``save_strategy="best"`` saves
@@ -443,14 +434,14 @@ class LOMOTrainer(Trainer):
             os.makedirs(tmp)
         _barrier()
         self.save_model(tmp, _internal_call=True)
-        checkpoint.save_state({"optimizer": self.optimizer.state_dict(), "rng": checkpoint.rng_states()},
-                              os.path.join(tmp, LOMO_STATE.format(_rank())))
+        torch.save({"optimizer": self.optimizer.state_dict(), "rng": checkpoint.rng_states()},
+                   os.path.join(tmp, LOMO_STATE.format(_rank())))  # plain data: loads with weights_only=True
         best = os.path.join(self.args.output_dir, f"{CKPT_PREFIX}{self.state.best_global_step}")
         if self.args.metric_for_best_model and self.state.best_global_step and \
                 (self.state.best_global_step == self.state.global_step or os.path.isdir(best)):
             self.state.best_model_checkpoint = best  # as the stock Trainer records it, before the state is saved
         if self.args.should_save:
-            checkpoint.save_state(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER))
             self.state.save_to_json(os.path.join(tmp, TRAINER_STATE))
         _barrier()
         if self.args.should_save:  # the manifest goes last: only a whole folder has one

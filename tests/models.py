@@ -22,6 +22,12 @@ def allow_cpu_fp16() -> None:
     get_accelerator().is_fp16_supported = lambda: True
 
 
+def fp16_mlp():
+    """A small fp16 MLP for the loss-scaling tests."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).half()
+
+
 def tiny_llama(tie: bool = True, seed: int = 0, vocab: int = VOCAB, hidden: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 

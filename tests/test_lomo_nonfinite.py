@@ -7,18 +7,13 @@ from torch import nn
 
 from distributed import run_ranks
 from lomo_trainer import LOMO
-from models import allow_cpu_fp16, batch, reference_sgd, tiny_llama, VOCAB
-
-
-def _fp16_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).half()
+from models import VOCAB, allow_cpu_fp16, batch, fp16_mlp, reference_sgd, tiny_llama
 
 
 def test_fp16_update_pass_overflow_writes_nothing_non_finite_and_lowers_the_scale():
     # The norm pass is clean; the update pass gets one huge gradient (as a GPU's second pass can, at the
     # overflow edge). That parameter must keep its value; the next step's sync counts it and halves the scale.
-    model = _fp16_model()
+    model = fp16_mlp()
     opt = LOMO(model, lr=0.1, fp16={"initial_scale_power": 8, "hysteresis": 1, "loss_scale_window": 1000})
     x = torch.randn(4, 8).half()
     calls = []

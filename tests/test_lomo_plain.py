@@ -6,7 +6,7 @@ from torch import nn
 from distributed import run_ranks
 from lomo_trainer import LOMO, DynamicLossScaler
 from lomo_trainer.rounding import stochastic_round_to_bf16_
-from models import OddLM, batch, reference_sgd
+from models import OddLM, batch, fp16_mlp, reference_sgd
 
 OPTS = dict(lr=0.5, weight_decay=0.02, clip_grad_norm=0.3, clip_grad_value=0.05)
 
@@ -96,13 +96,8 @@ def test_backward_outside_step_leaves_gradients_alone():
 
 
 # ---------------------------------------------------------------- fp16 loss scaling
-def _fp16_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).half()
-
-
 def test_fp16_overflow_changes_nothing_and_lowers_scale():
-    model = _fp16_model()
+    model = fp16_mlp()
     opt = LOMO(model, lr=0.1, fp16={"initial_scale_power": 10, "hysteresis": 1, "loss_scale_window": 1000})
     x = torch.randn(4, 8).half()
     before = [p.detach().clone() for p in model.parameters()]
@@ -115,7 +110,7 @@ def test_fp16_overflow_changes_nothing_and_lowers_scale():
 
 
 def test_fp16_hysteresis_delays_the_drop():
-    model = _fp16_model()
+    model = fp16_mlp()
     opt = LOMO(model, lr=0.1, fp16={"initial_scale_power": 10, "hysteresis": 2})
     x = torch.randn(4, 8).half()
     opt.step(lambda: model(x).float().sum() * 1e4)
@@ -125,7 +120,7 @@ def test_fp16_hysteresis_delays_the_drop():
 
 
 def test_fp16_scale_grows_after_clean_window_and_update_is_unscaled():
-    model = _fp16_model()
+    model = fp16_mlp()
     ref = [p.detach().double().clone().requires_grad_() for p in model.parameters()]
     opt = LOMO(model, lr=0.1, fp16={"initial_scale_power": 4, "loss_scale_window": 3})
     x = torch.randn(4, 8).half()
@@ -135,7 +130,7 @@ def test_fp16_scale_grows_after_clean_window_and_update_is_unscaled():
         scales.append(opt.loss_scale)
     assert scales == [16, 16, 16, 32]  # DeepSpeed: the first growth on the (window + 1)-th clean step
     # first step only, against float64 math (fp16 tolerance): the loss scale must be divided out exactly once
-    model2 = _fp16_model()
+    model2 = fp16_mlp()
     LOMO(model2, lr=0.1, fp16={"initial_scale_power": 4}).step(lambda: model2(x).float().sum())
     w1, b1, w2, b2 = ref
     out = (torch.tanh(x.double() @ w1.t() + b1) @ w2.t() + b2).sum()
