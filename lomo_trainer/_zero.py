@@ -193,6 +193,16 @@ def consolidated_state_dict(engine) -> dict:
     return engine._zero3_consolidated_16bit_state_dict()  # despite the name, keeps each parameter's dtype
 
 
+def gathered(params):
+    """Context: ``params`` whole on every rank (a collective under ZeRO-3; nothing for plain tensors)."""
+    params = [p for p in params if is_zero3_param(p)]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
 @torch.no_grad()
 def load_full_param_(p: torch.Tensor, full: torch.Tensor) -> None:
     """Write this rank's slice of the full tensor ``full`` into ``p``'s shard (no communication).

@@ -53,6 +53,7 @@ reduced gradient slice is copied to the host for the host-side update (the host 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -101,6 +102,10 @@ class LOMO(torch.optim.Optimizer):
             ``buffer_dtype``'s bytes x this rank's shard elements; saves the norm pass of global clipping and fp16.
         buffer_dtype: the buffer's dtype (torch.float32, or bfloat16/float16 to halve it; fp16 gradients are kept
             loss-scaled there, so a sum can overflow where each micro-step did not: the step is then skipped).
+        adapters: LoRA adapter parameters of ``model`` (LOMO + LoRA, see ``lora.py``): their gradients are averaged,
+            unscaled and clipped like the others (the global norm covers both sets), then ``adapter_optimizer`` (a
+            ``{"type": "AdamW", "params": {...}}`` dict) steps them after backward. They form the second param
+            group, whose lr is the adapter optimizer's, so schedulers drive it too.
 
     Attributes read by the trainer: ``global_step`` (steps that updated), ``skipped_steps`` (steps skipped
     for a non-finite loss or gradient, in any precision; saved in ``state_dict``), ``last_step_skipped``
@@ -112,7 +117,8 @@ class LOMO(torch.optim.Optimizer):
                  clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
                  clip_mode: str = "global", fp16: DynamicLossScaler | dict | bool | None = None,
                  stochastic_rounding: bool = False, seed: int = 0, overlap_comm: bool | None = None,
-                 accumulate: bool = False, buffer_dtype: torch.dtype = torch.float32):
+                 accumulate: bool = False, buffer_dtype: torch.dtype = torch.float32,
+                 adapters: Iterable[nn.Parameter] | None = None, adapter_optimizer: dict | None = None):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if weight_decay < 0:
@@ -135,9 +141,17 @@ class LOMO(torch.optim.Optimizer):
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise TypeError("pass the module inside DistributedDataParallel: LOMO averages gradients itself")
         self.model = model
+        adapters = list(adapters or ())
         if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
+            skip = {id(a) for a in adapters}
+            params = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        self.adapters = None
+        if adapters:
+            from .lora import AdapterOptimizer
+
+            self.adapters = AdapterOptimizer(adapter_optimizer)
+            self.add_param_group({"params": adapters, "lr": self.adapters.lr, "weight_decay": 0.0, "adapter": True})
 
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
@@ -186,6 +200,7 @@ class LOMO(torch.optim.Optimizer):
     def _index_groups(self) -> None:
         # parameter -> its group dict; rebuilt whenever torch replaces the group dicts (load_state_dict)
         self._group_of: dict[nn.Parameter, dict] = {p: g for g in self.param_groups for p in g["params"]}
+        self._adapter_group = next((g for g in self.param_groups if g.get("adapter")), None)
 
     def attach_engine(self, engine) -> None:
         """Bind the ZeRO-3 engine that partitions this module (if the module was passed before
@@ -253,6 +268,7 @@ class LOMO(torch.optim.Optimizer):
             loss = self._run_pass("update", closure, scale, gate=True)
             if self.last_step_skipped:
                 return loss.detach()
+        self._step_adapters(loss.device)
         _zero.refresh_partitions(self.engine)
         if self.loss_scaler is not None:
             self.loss_scaler.update(False)
@@ -278,7 +294,8 @@ class LOMO(torch.optim.Optimizer):
             self._phase = "update"
             for p in self._touched:  # backward order: the same on every rank (the reductions already rely on it)
                 g, w = self._buffers[p], _zero.local_weight(p)
-                self._apply_update(p, g, w, self._prepare(p, g, w))
+                self._update_param(p, g, w, self._prepare_param(p, g, w))
+            self._step_adapters(loss.device)
         finally:
             self._phase = None
             self._clear_buffers()  # after an update or a skip alike: nothing carries into the next step
@@ -378,6 +395,8 @@ class LOMO(torch.optim.Optimizer):
         if overlap is None:
             overlap = bool(self.engine.zero_overlap_comm()) if self.engine is not None else True
         self._overlap = overlap and self._world > 1
+        if self.adapters is not None and self.adapters.optimizer is None:
+            self.adapters.build(self._adapter_group["params"])  # masters of the shards, once partitioned
         self._checked = True
 
     # ------------------------------------------------------------------ the hook (hot path)
@@ -431,7 +450,7 @@ class LOMO(torch.optim.Optimizer):
         if work is not None:
             work.wait()
         g, w = finish()  # a shard that is all padding is empty; it still takes part in the collectives
-        ctx = self._prepare(p, g, w) if self._phase == "update" else None
+        ctx = self._prepare_param(p, g, w) if self._phase == "update" else None
         return p, g, w, ctx
 
     def _apply(self, p: nn.Parameter, g: torch.Tensor, w: torch.Tensor, ctx) -> None:
@@ -446,7 +465,39 @@ class LOMO(torch.optim.Optimizer):
             for gc, _ in _chunks(g, w):  # non-finite values (fp16 overflow) propagate into the sum
                 self._norm_sq += self._grad32(gc).square().sum()
             return
-        self._apply_update(p, g, w, ctx)
+        self._update_param(p, g, w, ctx)
+
+    # ------------------------------------------------------------------ LoRA adapters (lora.py)
+    def _is_adapter(self, p: nn.Parameter) -> bool:
+        return self._group_of[p] is self._adapter_group
+
+    def _prepare_param(self, p: nn.Parameter, g: torch.Tensor, w: torch.Tensor):
+        # adapters take SGD's preparation (the per-parameter norm) whatever the rule: their update is the
+        # adapter optimizer's
+        return LOMO._prepare(self, p, g, w) if self._is_adapter(p) else self._prepare(p, g, w)
+
+    def _update_param(self, p: nn.Parameter, g: torch.Tensor, w: torch.Tensor, ctx) -> None:
+        if not self._is_adapter(p):
+            self._apply_update(p, g, w, ctx)
+            return
+        coef = self._norm_coef(ctx)
+        g = self._grad32(g) * self._clip_coef
+        self.adapters.grad_of(p).copy_(g * coef if coef is not None else g)
+
+    def _step_adapters(self, device: torch.device) -> None:
+        """After the update pass: step the adapters. Their gradients' finiteness is agreed over the ranks and read
+        here (LoRA's one extra host sync per step); a non-finite one leaves the adapters and their optimizer state
+        as they were and is counted, at the next step's sync, as an update pass that overflowed."""
+        if self.adapters is None:
+            return
+        bad = self.adapters.bad_count(device)
+        if self._world > 1:
+            dist.all_reduce(bad)
+        if bad.item():
+            self.adapters.discard()
+            self._update_flag(device).add_(1.0)
+            return
+        self.adapters.step(self._adapter_group["lr"], self._write)
 
     # ------------------------------------------------------------------ the update rule (SGD; AdaLomo overrides)
     # An update rule is two methods: ``_prepare`` runs when a parameter's reduced shard arrives and may launch
@@ -467,13 +518,17 @@ class LOMO(torch.optim.Optimizer):
             return dist.all_reduce(t, group=_zero.partition_group(p), async_op=self._overlap)
         return None
 
+    def _norm_coef(self, norm) -> torch.Tensor | None:
+        """Per-parameter clipping's factor from ``_prepare``'s launched norm (a tensor: no host sync)."""
+        if norm is None:
+            return None
+        norm_sq, norm_work = norm
+        if norm_work is not None:
+            norm_work.wait()
+        return (self.clip_grad_norm / (norm_sq.sqrt() + 1e-6)).clamp(max=1.0)
+
     def _apply_update(self, p: nn.Parameter, g: torch.Tensor, w: torch.Tensor, norm) -> None:
-        coef = None
-        if norm is not None:
-            norm_sq, norm_work = norm
-            if norm_work is not None:
-                norm_work.wait()
-            coef = (self.clip_grad_norm / (norm_sq.sqrt() + 1e-6)).clamp(max=1.0)  # a tensor: no host sync
+        coef = self._norm_coef(norm)
         group = self._group_of[p]
         for gc, wc in _chunks(g, w):
             gc = self._grad32(gc)
@@ -543,6 +598,10 @@ class LOMO(torch.optim.Optimizer):
             "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
             "generators": {str(d): g.get_state() for d, g in self._generators.items()},
         }
+        if self.adapters is not None:
+            if self.adapters.optimizer is None:
+                self._check_binding()
+            state["lomo"]["adapters"] = self.adapters.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -560,6 +619,15 @@ class LOMO(torch.optim.Optimizer):
             self.loss_scaler.load_state_dict(extra["loss_scaler"])
         for dev, gen_state in (extra.get("generators") or {}).items():
             self._generator(torch.device(dev)).set_state(gen_state)
+        if self.adapters is not None:
+            if self.adapters.optimizer is None:
+                self._check_binding()
+            saved = extra.get("adapters")
+            if saved is None or not self.adapters.load_state_dict(saved):
+                self.adapters.build(self._adapter_group["params"])
+                warnings.warn("the LoRA adapters' optimizer state was not restored (" +
+                              ("none was saved" if saved is None else "saved on another number of ranks") +
+                              "): it starts afresh from the current adapter weights")
 
     @property
     def loss_scale(self) -> float | None:

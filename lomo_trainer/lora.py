@@ -1,0 +1,268 @@
+"""LOMO + LoRA: LOMO's fused update on the base weights, a torch optimizer on peft's LoRA adapters, one backward.
+
+The base weights (frozen in a LoRA run, trainable here) take LOMO's update in their hooks, as always. The adapter
+weights go through the same hooks: their gradients are averaged over the ranks (reduce-scattered to the rank's
+shard under ZeRO-3, all-reduced for a replicated module), unscaled, clipped with everything else (the global norm
+covers both sets), and kept; after backward ``AdapterOptimizer.step`` runs the configured torch optimizer (AdamW by
+default) on fp32 master copies of this rank's adapter shards and writes them back. The adapters' lr lives in
+LOMO's second parameter group, so the lr scheduler drives both lrs.
+
+Configuration: a ``lora`` block (DeepSpeed JSON top level, run config, or ``LOMOTrainer(lomo_args={"lora": ...})``)::
+
+    "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"],
+             "optimizer": {"type": "AdamW", "params": {"lr": 5e-4, "weight_decay": 0.0}}}
+
+Everything but ``optimizer`` is a peft ``LoraConfig`` field; the optimizer is a ``torch.optim`` class name whose
+update is element-wise (the adapters are sharded flat under ZeRO-3), with torch's defaults for unset params.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+
+import torch
+from torch import nn
+
+from . import _zero
+from .config import ConfigError
+
+# LoraConfig fields LOMO+LoRA supports: plain LoRA layers, whose merged weight is base + peft's delta weight
+LORA_FIELDS = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "bias",
+               "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+               "alpha_pattern", "task_type"}
+# torch.optim classes whose update is element by element: they work on a flat shard of a parameter
+ELEMENTWISE = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop")
+ADAPTER_FOLDER = "adapter"  # the peft folder inside a saved model folder
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("lora needs peft: pip install peft (or lomo_trainer[lora])") from None
+    return peft
+
+
+def check_block(block, where: str = "lora") -> dict:
+    """A ``lora`` block, checked by peft's and torch's own constructors: {"config": LoraConfig kwargs,
+    "optimizer": {"type": ..., "params": {...}}}. One-line ConfigError naming the key otherwise."""
+    if not isinstance(block, dict):
+        raise ConfigError(f'{where} must be a JSON object like {{"r": 8, "lora_alpha": 16, "target_modules": '
+                          f'["q_proj", "v_proj"]}}, got {type(block).__name__}')
+    fields = {k: v for k, v in block.items() if k != "optimizer"}
+    peft = _peft()
+    known = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"{where} has unknown key(s) {unknown}: use peft LoraConfig fields ({sorted(LORA_FIELDS)}) "
+                          "and optimizer")
+    unsupported = sorted(set(fields) - LORA_FIELDS)
+    if unsupported:
+        raise ConfigError(f"{where}.{unsupported[0]} is not supported with LOMO: the base weights train in full, so "
+                          "only plain LoRA layers are merged; remove it")
+    if fields.get("bias", "none") != "none":
+        raise ConfigError(f"{where}.bias={fields['bias']!r}: LOMO already trains every bias; use \"none\"")
+    given = bool(fields)
+    fields.setdefault("task_type", "CAUSAL_LM")
+    try:
+        peft.LoraConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
+    return {"config": fields, "config_given": given,
+            "optimizer": check_optimizer(block.get("optimizer"), f"{where}.optimizer")}
+
+
+def check_optimizer(spec, where: str = "lora.optimizer") -> dict:
+    spec = {"type": "AdamW"} if spec is None else spec
+    if not isinstance(spec, dict) or set(spec) - {"type", "params"}:
+        raise ConfigError(f'{where} must be like {{"type": "AdamW", "params": {{"lr": 5e-4}}}}, got {spec!r}')
+    name = str(spec.get("type", "AdamW"))
+    match = next((n for n in ELEMENTWISE if n.lower() == name.lower()), None)
+    if match is None:
+        raise ConfigError(f"{where}.type {name!r}: use an element-wise torch.optim class, one of {list(ELEMENTWISE)}")
+    params = spec.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}.params must be a JSON object, got {params!r}")
+    try:  # torch's own checks of the values
+        getattr(torch.optim, match)([nn.Parameter(torch.zeros(1))], **params)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}.params: {str(e).splitlines()[0]}") from None
+    return {"type": match, "params": dict(params)}
+
+
+# ---------------------------------------------------------------- the model
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def prepare_model(model, block: dict | None):
+    """The peft model LOMO+LoRA trains: ``model`` wrapped by ``get_peft_model`` with the block's LoraConfig (or a
+    peft LoRA model as given), every base weight made trainable (LOMO updates it). Before DeepSpeed's engine."""
+    peft = _peft()
+    if is_peft_model(model):
+        if block and block.get("config_given"):
+            raise ConfigError("the model is already a peft model: remove the lora block's LoraConfig fields (its "
+                              "optimizer may stay)")
+        configs = model.peft_config
+        if len(configs) != 1:
+            raise ConfigError(f"the peft model has {len(configs)} adapters: LOMO+LoRA trains one")
+        config = next(iter(configs.values()))
+        if config.peft_type != peft.PeftType.LORA:
+            raise ConfigError(f"the peft model's adapter is {config.peft_type}: LOMO+LoRA supports LoRA only")
+        extra = [k for k in ("use_dora", "modules_to_save", "trainable_token_indices") if getattr(config, k, None)]
+        if extra or getattr(config, "bias", "none") != "none":
+            raise ConfigError(f"the peft model's LoraConfig sets {extra or ['bias']}: not supported with LOMO; "
+                              "use plain LoRA layers")
+    else:
+        model = peft.get_peft_model(model, peft.LoraConfig(**block["config"]))
+    for p in model.parameters():
+        p.requires_grad_(True)  # base weights: LOMO's; adapters: the adapter optimizer's
+    return model
+
+
+def adapter_prefix(model) -> str:
+    return model.base_model.prefix  # "lora_": peft's own test for an adapter parameter (its mark-trainable rule)
+
+
+def adapter_parameters(model) -> list[nn.Parameter]:
+    prefix = adapter_prefix(model)
+    return [p for n, p in model.named_parameters() if prefix in n]
+
+
+def _adapter_name(model) -> str:
+    return next(iter(model.peft_config))
+
+
+def base_key(model, name: str) -> str:
+    """A base weight's name in the plain model (as ``merge_and_unload`` leaves it)."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def adapter_key(model, name: str) -> str:
+    """An adapter weight's name in peft's saved file (peft drops the adapter name)."""
+    return name.replace(f".{_adapter_name(model)}.", ".")
+
+
+def split_state_dict(model, state_dict: dict) -> tuple[dict, dict]:
+    """(base weights under the plain model's names, adapters under peft's file names)."""
+    prefix = adapter_prefix(model)
+    base = {base_key(model, k): v for k, v in state_dict.items() if prefix not in k}
+    adapters = {adapter_key(model, k): v for k, v in state_dict.items() if prefix in k}
+    return base, adapters
+
+
+@torch.no_grad()
+def merge_into(model, base: dict, is_main: bool) -> None:
+    """Add each LoRA layer's delta (peft's ``get_delta_weight``) to its base weight in ``base`` (rank 0's gathered
+    state dict). Collective under ZeRO-3: each layer's adapters are gathered on every rank in turn."""
+    from peft.tuners.lora import LoraLayer
+
+    adapter = _adapter_name(model)
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+            continue
+        own = [p for n, p in module.named_parameters() if adapter_prefix(model) in n]
+        with _zero.gathered(own):
+            delta = module.get_delta_weight(adapter) if is_main else None
+        if is_main:
+            key = base_key(model, f"{name}.base_layer.weight")
+            base[key] = (base[key].float() + delta.float().to(base[key].device)).to(base[key].dtype)
+
+
+def save_adapter(model, folder: str, adapters: dict) -> None:
+    """The adapters alone, as peft saves them (``PeftModel.from_pretrained`` loads the folder)."""
+    adapter = _adapter_name(model)
+    full = {n: adapters[adapter_key(model, n)] for n, _ in model.named_parameters() if adapter_key(model, n) in adapters}
+    model.save_pretrained(folder, state_dict=full, safe_serialization=True, selected_adapters=[adapter])
+
+
+# ---------------------------------------------------------------- the adapters' optimizer
+class AdapterOptimizer:
+    """A torch optimizer over fp32 master copies of this rank's adapter shards, stepped by LOMO after backward.
+
+    ``grad_of(p)`` is where LOMO leaves ``p``'s averaged, unscaled, clipped shard gradient; ``step(lr)`` runs the
+    optimizer on the parameters that got one and writes the masters back into the weights (rounded to their
+    dtype). State (masters, the optimizer's own) is per rank: tensors and numbers only."""
+
+    def __init__(self, spec: dict | None = None):
+        spec = check_optimizer(spec)
+        self.cls = getattr(torch.optim, spec["type"])
+        self.kwargs = dict(spec["params"])
+        default = inspect.signature(self.cls).parameters["lr"].default
+        self.lr = float(self.kwargs.pop("lr", default))
+        self.params: list[nn.Parameter] = []
+        self.masters: dict[nn.Parameter, nn.Parameter] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.ready: dict[nn.Parameter, None] = {}  # parameters with a gradient this step (ordered)
+
+    def build(self, params) -> None:
+        """Masters from the current shards (after DeepSpeed partitioned them)."""
+        self.params = list(params)
+        self.masters = {p: nn.Parameter(_zero.local_weight(p).detach().float().clone()) for p in self.params}
+        self.optimizer = self.cls(list(self.masters.values()), lr=self.lr, **self.kwargs)
+
+    def grad_of(self, p: nn.Parameter) -> torch.Tensor:
+        m = self.masters[p]
+        if m.grad is None:
+            m.grad = torch.zeros_like(m)
+        self.ready[p] = None
+        return m.grad
+
+    def bad_count(self, device) -> torch.Tensor:
+        """Non-finite gradients among this step's (a device tensor: no host sync)."""
+        bad = torch.zeros((), device=device)
+        for p in self.ready:
+            bad += (~torch.isfinite(self.masters[p].grad)).any().float().to(device)
+        return bad
+
+    def step(self, lr: float, write) -> None:
+        """Step the masters that got a gradient and write each into its weight through ``write(w, new)``."""
+        for p in self.params:
+            if p not in self.ready:
+                self.masters[p].grad = None  # untouched this step: the optimizer skips it, as torch does
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        for p in self.ready:
+            write(_zero.local_weight(p), self.masters[p].detach().clone())
+        self.discard()
+
+    def discard(self) -> None:
+        self.ready.clear()
+
+    def state_dict(self) -> dict:
+        return {"masters": [self.masters[p].detach().clone() for p in self.params],
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> bool:
+        """False (nothing loaded) when the saved shards have other shapes (another world size)."""
+        masters = state["masters"]
+        if len(masters) != len(self.params) or any(m.shape != self.masters[p].shape
+                                                  for m, p in zip(masters, self.params)):
+            return False
+        with torch.no_grad():
+            for m, p in zip(masters, self.params):
+                self.masters[p].copy_(m)
+        self.optimizer.load_state_dict(state["optimizer"])
+        return True
+
+
+def adapter_numel(model) -> tuple[int, int]:
+    """(adapter elements, all elements), counting ZeRO-3 parameters at full size."""
+    adapters = sum(_zero.full_numel(p) for p in adapter_parameters(model))
+    return adapters, sum(_zero.full_numel(p) for p in model.parameters())
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{100 * a / max(b, 1):.3f}%" if b else "n/a"
+
+
+def describe(model) -> str:
+    a, total = adapter_numel(model)
+    return (f"LOMO+LoRA: {total - a:,} base parameters (LOMO), {a:,} adapter parameters ({_ratio(a, total)}, "
+            f"{math.ceil(a * 16 / 2**20)} MiB of fp32 master + AdamW state at most)")
