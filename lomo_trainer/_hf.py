@@ -13,12 +13,12 @@ import re
 
 
 def strip_deepspeed_optimizer(args) -> None:
-    """accelerate must never build a DeepSpeed optimizer or scheduler for LOMO: drop both blocks from the config
-    it will pass to DeepSpeed (LOMOTrainer reads them from its own copy)."""
+    """accelerate must never build a DeepSpeed optimizer or scheduler for LOMO: drop both blocks (and LOMO+LoRA's
+    lora block) from the config it will pass to DeepSpeed (LOMOTrainer reads them from its own copy)."""
     hf_ds = getattr(args, "hf_deepspeed_config", None)
     if hf_ds is not None:
-        hf_ds.config.pop("optimizer", None)
-        hf_ds.config.pop("scheduler", None)
+        for key in ("optimizer", "scheduler", "lora"):
+            hf_ds.config.pop(key, None)
 
 
 def register_engine(accelerator, engine) -> None:

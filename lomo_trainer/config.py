@@ -6,6 +6,8 @@ Users already write DeepSpeed JSON; LOMOTrainer reads the same file:
                                               "clip_grad_value": null, "clip_mode": "global",
                                               "stochastic_rounding": true}},
     "scheduler": {"type": "WarmupDecayLR", "params": {...}},   # run by DeepSpeed's own scheduler classes
+    "lora": {"r": 8, "lora_alpha": 16, "target_modules": [...],  # optional: LOMO + LoRA (lora.py)
+             "optimizer": {"type": "AdamW", "params": {"lr": 5e-4}}},
     "fp16": {"enabled": "auto", "initial_scale_power": 16, ...}, "bf16": {"enabled": "auto"},
     "gradient_clipping": "auto", "zero_optimization": {"stage": 3, ...}
 
@@ -234,6 +236,10 @@ class LOMOArguments:
     check_memory: bool | None = field(default=None, metadata={
         "help": "before training, refuse a setting that the planner predicts does not fit this GPU's memory "
                 "(LLaMA-shaped models); default: false, no check"})
+    lora: dict | str | None = field(default=None, metadata={
+        "help": 'LOMO + LoRA: peft LoraConfig fields and the adapters\' optimizer, e.g. {"r": 8, "lora_alpha": 16, '
+                '"target_modules": ["q_proj", "v_proj"], "optimizer": {"type": "AdamW", "params": {"lr": 5e-4}}} '
+                '(a JSON string on the command line); the DeepSpeed JSON may hold it as a top-level "lora" block'})
 
     def __post_init__(self):  # messages start with the field name: optimizer.params prefixes its own
         if self.clip_grad_value is not None:
@@ -263,6 +269,15 @@ class LOMOArguments:
         for key in ("eps1", "eps2"):
             if getattr(self, key) is not None:
                 setattr(self, key, _number(key, getattr(self, key)))
+        if isinstance(self.lora, str):
+            try:
+                self.lora = json.loads(self.lora)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"lora must be a JSON object, got invalid JSON ({e.msg}): {self.lora[:60]!r}") from None
+        if self.lora is not None:
+            from .lora import check_block
+
+            check_block(self.lora)
 
     def given(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -270,7 +285,7 @@ class LOMOArguments:
 
 LOMO_DEFAULTS = {"clip_grad_value": None, "clip_mode": "global", "stochastic_rounding": False,
                  "max_consecutive_skips": 5, "optimizer": "lomo", "clip_threshold": 1.0, "decay_rate": -0.8,
-                 "eps1": 1e-30, "eps2": 1e-3, "accumulation_dtype": None, "check_memory": False}
+                 "eps1": 1e-30, "eps2": 1e-3, "accumulation_dtype": None, "check_memory": False, "lora": None}
 
 
 def _stated(values, where: str, allowed: set) -> list[tuple[str, str, object]]:
@@ -327,6 +342,7 @@ class LOMOSettings:
     gradient_accumulation_steps: int = 1
     accumulation_dtype: str | None = None  # the gradient buffer's dtype; None: no buffer (fused update in backward)
     check_memory: bool = False
+    lora: dict | None = None  # lora.check_block's result: LoraConfig kwargs and the adapters' optimizer
     warnings: list[str] = field(default_factory=list)
 
     def optimizer_kwargs(self) -> dict:
@@ -365,7 +381,7 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
     stated = []
     if ds.get("gradient_clipping", "auto") != "auto":  # DeepSpeed's name for clip_grad_norm
         stated.append(("gradient_clipping", "clip_grad_norm", ds["gradient_clipping"]))
-    lomo_keys = OPTIMIZER_PARAMS | {"max_consecutive_skips", "optimizer", "check_memory"}
+    lomo_keys = OPTIMIZER_PARAMS | {"max_consecutive_skips", "optimizer", "check_memory", "lora"}
     if isinstance(lomo_args, LOMOArguments):
         stated += [(key, key, value) for key, value in lomo_args.given().items()]
     elif lomo_args is not None:
@@ -375,6 +391,11 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
     if max_consecutive_skips is not None:
         stated.append(("max_consecutive_skips", "max_consecutive_skips",
                        LOMOArguments(max_consecutive_skips=max_consecutive_skips).max_consecutive_skips))
+    if ds.get("lora") is not None:  # LOMO + LoRA's block, beside DeepSpeed's own
+        try:
+            stated.append(("lora (DeepSpeed config)", "lora", LOMOArguments(lora=ds["lora"]).lora))
+        except ConfigError as e:
+            raise ConfigError(f"{e} (the DeepSpeed config's lora block)") from None
     opt = _block(ds, "optimizer", example='{"type": "LOMO", "params": {...}}')
     if "optimizer" in ds:
         if "type" not in opt:
@@ -494,15 +515,24 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
                         adalomo=dict(clip_threshold=lomo["clip_threshold"], decay_rate=lomo["decay_rate"],
                                      eps=(lomo["eps1"], lomo["eps2"])),
                         gradient_accumulation_steps=gas, accumulation_dtype=(acc_dtype or "fp32") if buffered else None,
-                        check_memory=lomo["check_memory"], warnings=warnings)
+                        check_memory=lomo["check_memory"], warnings=warnings,
+                        lora=_lora_settings(lomo["lora"]))
+
+
+def _lora_settings(block):
+    if block is None:
+        return None
+    from .lora import check_block
+
+    return check_block(block)
 
 
 def engine_config(ds_config: dict, args, world_size: int, model=None) -> dict:
     """The config DeepSpeed gets: no optimizer, no scheduler, every "auto" resolved from ``args`` (and the
     ZeRO-3 gathering limits from ``model``, the world size and the device's memory)."""
     cfg = copy.deepcopy(ds_config)
-    cfg.pop("optimizer", None)
-    cfg.pop("scheduler", None)
+    for key in ("optimizer", "scheduler", "lora"):
+        cfg.pop(key, None)
     micro = _auto(cfg.get("train_micro_batch_size_per_gpu", "auto"), args.per_device_train_batch_size)
     if micro != args.per_device_train_batch_size:
         raise ConfigError(f"train_micro_batch_size_per_gpu={micro} but TrainingArguments.per_device_train_batch_size="

@@ -20,5 +20,13 @@ def deepspeed_scheduler(block: dict, optimizer, num_training_steps: int, args):
     if kind != "WarmupLR":
         params.setdefault("total_num_steps", num_training_steps)
     if kind != "WarmupCosineLR":  # WarmupDecayLR's own default peak is 0.001, not the optimizer's lr
-        params.setdefault("warmup_max_lr", optimizer.param_groups[0]["lr"])
+        # The block's lrs are the first group's (validate made warmup_max_lr its lr); another group (LoRA's
+        # adapters) draws the same curve scaled to its own lr, as a torch LambdaLR would. The cosine schedule
+        # works in ratios of each group's lr already.
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        for key in ("warmup_min_lr", "warmup_max_lr"):
+            value = params.get(key, lrs[0] if key == "warmup_max_lr" else None)
+            if value is not None:
+                params[key] = [value * lr / lrs[0] if lrs[0] else (lr if key == "warmup_max_lr" else value)
+                               for lr in lrs]
     return getattr(lr_schedules, kind)(optimizer, **params)

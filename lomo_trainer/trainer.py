@@ -28,7 +28,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerState
 from transformers.trainer_utils import SaveStrategy, TrainOutput, speed_metrics
 
-from . import _hf, _zero, checkpoint
+from . import _hf, _zero, checkpoint, lora
 from .checkpoint import LOMO_STATE, PREFIX as CKPT_PREFIX, SCHEDULER, TRAINER_STATE, last_checkpoint  # noqa: F401
 from .config import ConfigError, LOMOArguments, engine_config, load_json, validate
 from .optimizer import LOMO
@@ -75,6 +75,10 @@ class LOMOTrainer(Trainer):
                                       max_consecutive_skips=max_consecutive_skips)  # before any process group
         for message in self.lomo_settings.warnings:
             logger.warning(message)
+        # LOMO + LoRA: a lora block, or a peft LoRA model passed in; the base weights become trainable (LOMO's)
+        self.lora = self.lomo_settings.lora is not None or lora.is_peft_model(model)
+        if self.lora:
+            model = lora.prepare_model(model, self.lomo_settings.lora)
         _hf.strip_deepspeed_optimizer(args)
         super().__init__(model, args, *pos, **kwargs)
         self._tokens = None
@@ -98,7 +102,7 @@ class LOMOTrainer(Trainer):
                 engine, *_ = deepspeed.initialize(model=self.model, config=cfg)
                 self.model_wrapped = self.deepspeed = engine
                 _hf.register_engine(self.accelerator, engine)
-            self.optimizer = s.optimizer_class()(engine, **s.optimizer_kwargs())
+            self.optimizer = s.optimizer_class()(engine, **s.optimizer_kwargs(), **self._adapter_kwargs())
             model = engine
         else:
             if s.fp16 is not None:  # no fp32 master copy: weights live in the training dtype, as under DeepSpeed
@@ -106,7 +110,7 @@ class LOMOTrainer(Trainer):
             elif s.bf16:
                 self.model.to(torch.bfloat16)
             self.model.to(args.device)
-            self.optimizer = s.optimizer_class()(self.model, **s.optimizer_kwargs())
+            self.optimizer = s.optimizer_class()(self.model, **s.optimizer_kwargs(), **self._adapter_kwargs())
             model = self.model_wrapped = self.model
         if s.scheduler is not None:
             self.lr_scheduler = deepspeed_scheduler(s.scheduler, self.optimizer, max_steps, args)
@@ -114,6 +118,14 @@ class LOMOTrainer(Trainer):
             self.lr_scheduler = None
             self.create_scheduler(num_training_steps=max_steps, optimizer=self.optimizer)
         return model
+
+    def _adapter_kwargs(self) -> dict:
+        if not self.lora:
+            return {}
+        block = self.lomo_settings.lora or {}
+        if self.is_world_process_zero():
+            logger.info(lora.describe(self.model))
+        return {"adapters": lora.adapter_parameters(self.model), "adapter_optimizer": block.get("optimizer")}
 
     # ------------------------------------------------------------------ one step
     def training_step(self, model, inputs, num_items_in_batch=None, last_micro_step: bool = True):
@@ -363,6 +375,8 @@ class LOMOTrainer(Trainer):
                 "learning_rate": opt.param_groups[0]["lr"],
                 "tokens_per_second": round(tokens / elapsed, 1),
                 "peak_memory_gb": round(_peak_memory_gb(self.args.device), 3)}
+        if opt.adapters is not None:
+            logs["adapter_learning_rate"] = opt.param_groups[-1]["lr"]
         if opt.grad_norm is not None:
             logs["grad_norm"] = opt.grad_norm
         if opt.loss_scale is not None:
@@ -387,8 +401,13 @@ class LOMOTrainer(Trainer):
             with open(path) as f:
                 lines = f.read().split("\n")
             s = self.lomo_settings
-            text = (f"- optimizer: LOMO (SGD fused into backward, lomo_trainer), weight_decay={s.weight_decay}, "
-                    f"clip_grad_norm={s.clip_grad_norm} ({s.clip_mode}), clip_grad_value={s.clip_grad_value}")
+            text = (f"- optimizer: {'AdaLomo' if s.optimizer == 'adalomo' else 'LOMO'} (fused into backward, "
+                    f"lomo_trainer), weight_decay={s.weight_decay}, clip_grad_norm={s.clip_grad_norm} ({s.clip_mode}), "
+                    f"clip_grad_value={s.clip_grad_value}")
+            if self.lora:
+                adapters = self.optimizer.adapters
+                text += (f"; LoRA adapters by {adapters.cls.__name__} (lr={adapters.lr}, {adapters.kwargs}), merged into "
+                         f"the saved weights (the adapters alone: {lora.ADAPTER_FOLDER}/)")
             start = next((i for i, line in enumerate(lines) if line.startswith("- optimizer:")), None)
             if start is not None:  # the stock entry may run over several lines (its optimizer args)
                 end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("- ") or not lines[j]),
@@ -399,16 +418,29 @@ class LOMOTrainer(Trainer):
 
     # ------------------------------------------------------------------ saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Write a ``from_pretrained`` folder (safetensors, config, tokenizer). Collective under ZeRO-3."""
+        """Write a ``from_pretrained`` folder (safetensors, config, tokenizer). Collective under ZeRO-3.
+
+        LOMO + LoRA: the folder holds the plain model with the adapters merged into their base weights, and
+        ``adapter/`` the adapters alone as a peft folder. A checkpoint keeps the base weights unmerged instead (what
+        resuming needs, exactly): ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt),
+        ckpt + "/adapter")`` is the model as trained."""
         output_dir = output_dir or self.args.output_dir
         self._check_finite_weights(output_dir)
         if self.deepspeed is not None:
             state_dict = _zero.consolidated_state_dict(self.deepspeed)
         else:
             state_dict = self.model.state_dict()
+        model = self.model
+        if self.lora:
+            state_dict, adapters = lora.split_state_dict(self.model, state_dict or {})  # empty off rank 0 (ZeRO-3)
+            if not _internal_call:
+                lora.merge_into(self.model, state_dict, is_main=self.args.should_save)
+            model = self.model.get_base_model()
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-            self.model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+            model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+            if self.lora:
+                lora.save_adapter(self.model, os.path.join(output_dir, lora.ADAPTER_FOLDER), adapters)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -511,15 +543,21 @@ class LOMOTrainer(Trainer):
             raise checkpoint.CheckpointError(
                 f"{folder} has no *.safetensors weights (a DeepSpeed-only checkpoint?): consolidate it with "
                 "DeepSpeed's zero_to_fp32.py or set stage3_gather_16bit_weights_on_model_save, then resume")
+        names = {n: n for n in params}  # name in the files -> parameter name
+        if self.lora:  # the base weights under the plain model's names, the adapters in peft's folder
+            names = {(lora.adapter_key if lora.adapter_prefix(self.model) in n else lora.base_key)(self.model, n): n
+                     for n in params}
+            files += sorted(glob.glob(os.path.join(folder, lora.ADAPTER_FOLDER, "*.safetensors")))
         loaded = set()
         for path in files:
             try:
                 with safe_open(path, framework="pt") as f:
-                    for name in f.keys():
+                    for key in f.keys():
+                        name = names.get(key)
                         p = params.get(name)
                         if p is None:
                             continue
-                        full = f.get_tensor(name)
+                        full = f.get_tensor(key)
                         with torch.no_grad():
                             if _zero.is_zero3_param(p):
                                 _zero.load_full_param_(p, full)
@@ -529,7 +567,9 @@ class LOMOTrainer(Trainer):
             except (SafetensorError, OSError) as e:
                 raise checkpoint.CheckpointError(f"{path} cannot be read ({str(e).splitlines()[0][:160]}): pass an "
                                                  "older checkpoint-N folder") from None
-        missing = [n for n, p in params.items() if n not in loaded and not _hf.is_tied(self.model, n)]
+        base = self.model.get_base_model() if self.lora else self.model
+        missing = [n for n, p in params.items() if n not in loaded and
+                   not _hf.is_tied(base, lora.base_key(self.model, n) if self.lora else n)]
         if missing:
             raise checkpoint.CheckpointError(f"{folder} lacks weights for {missing[:3]}: it belongs to another model")
 

@@ -3,6 +3,7 @@ backward, on a plain module and on DeepSpeed ZeRO-3 (CPU, gloo, DeepSpeed's defa
 against a float64 reference written here: SGD on the base and AdamW (from Loshchilov & Hutter's algorithm) on the
 adapters, clipped by the global norm over both sets."""
 import copy
+import os
 
 import deepspeed
 import pytest
@@ -131,3 +132,125 @@ def test_block_errors_name_the_key():
         check_block({"r": 8, "optimizer": {"type": "LBFGS"}})
     with pytest.raises(ConfigError, match=r"lora.optimizer.params: Invalid beta"):
         check_block({"r": 8, "optimizer": {"type": "AdamW", "params": {"betas": [1.5, 0.9]}}})
+
+
+# ---------------------------------------------------------------- LOMOTrainer, lomo-train: config, saving, resuming
+def lora_trainer(out, zero3, steps=4, resume=None, **kw):
+    from test_trainer import _args, _dataset, ds_config
+
+    from lomo_trainer import LOMOTrainer
+
+    args = _args(out, ds_config() if zero3 else None, max_steps=steps, learning_rate=0.05, save_strategy="steps",
+                 save_steps=2, **kw)
+    trainer = LOMOTrainer(model=tiny_llama(), args=args, train_dataset=_dataset(),
+                          lomo_args={"lora": {**LORA, "optimizer": ADAMW}})
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def adapter_state(trainer):
+    """This rank's adapter optimizer state: masters and AdamW moments, flattened to tensors."""
+    a = trainer.optimizer.adapters
+    state = a.optimizer.state
+    return [t.clone() for p in a.params for t in (a.masters[p].detach(), *(state[a.masters[p]][k]
+                                                                         for k in ("exp_avg", "exp_avg_sq", "step")))]
+
+
+def run_lora(rank, world, out, zero3, steps, resume=None):
+    from test_trainer import gathered_weights
+
+    trainer = lora_trainer(out, zero3, steps, resume)
+    logs = [(h["learning_rate"], h["adapter_learning_rate"]) for h in trainer.state.log_history if "loss" in h]
+    return gathered_weights(trainer), adapter_state(trainer), logs
+
+
+@pytest.mark.parametrize("world,zero3", [(1, False), (2, True)])
+def test_trainer_resume_is_bitwise_with_adapter_optimizer_state(tmp_path, world, zero3):
+    import shutil
+
+    whole = run_ranks(run_lora, world, str(tmp_path / "whole"), zero3, 4)
+    out = str(tmp_path / "cut")
+    run_ranks(run_lora, world, out, zero3, 4)
+    shutil.rmtree(os.path.join(out, "checkpoint-4"))  # as if killed after step 2's checkpoint
+    resumed = run_ranks(run_lora, world, out, zero3, 4, True)
+    for r in range(world):
+        w0, s0, _ = whole[r]
+        w1, s1, _ = resumed[r]
+        assert len(s0) == len(s1) and all(torch.equal(a, b) for a, b in zip(s0, s1)), "adapter optimizer state differs"
+        if r == 0:
+            assert set(w0) == set(w1) and all(torch.equal(w0[k], w1[k]) for k in w0), "weights differ"
+    logs = whole[0][2]
+    # one schedule (linear, 2 warm-up steps) drives both lrs, each from its own peak
+    assert all(abs(a * 0.05 - lr * ADAMW["params"]["lr"]) < 1e-12 for lr, a in logs) and logs[1][0] == 0.05, logs
+
+
+def saved_folders(rank, world, out, zero3):
+    trainer = lora_trainer(out, zero3, steps=2)
+    trainer.save_model()
+    from test_trainer import gathered_weights
+
+    return gathered_weights(trainer)
+
+
+@pytest.mark.parametrize("world,zero3", [(1, False), (2, True)])
+def test_saved_model_is_merged_and_adapter_folder_is_peft(tmp_path, world, zero3):
+    """The output folder is the plain model with peft's own merge applied; adapter/ loads with PeftModel; a
+    checkpoint (unmerged base + adapter/) is the trained model exactly."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path / "run")
+    trained = run_ranks(saved_folders, world, out, zero3)[0]
+    model = peft_llama()
+    model.load_state_dict({k: v.float() for k, v in trained.items()})
+    expected = model.merge_and_unload().state_dict()  # peft's merge
+    merged = load_file(os.path.join(out, "model.safetensors"))
+    assert set(merged) - {"lm_head.weight"} == set(expected) - {"lm_head.weight"}
+    for k in merged:
+        assert torch.allclose(merged[k], expected[k], atol=1e-6), k
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           peft_llama().get_base_model().state_dict()["model.layers.0.self_attn.q_proj.base_layer.weight"])
+    assert not os.path.exists(os.path.join(out, "adapter_config.json")), "from_pretrained would apply the adapter twice"
+
+    ckpt = os.path.join(out, "checkpoint-2")
+    restored = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt), os.path.join(ckpt, "adapter"))
+    state = restored.state_dict()
+    assert set(state) == set(trained)
+    assert all(torch.equal(state[k].double(), trained[k]) for k in trained), "checkpoint != trained model"
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    ids = batch(0, 0, VOCAB)
+    assert torch.allclose(plain(input_ids=ids).logits, restored(input_ids=ids).logits, atol=1e-4)
+
+
+def test_a_peft_model_passed_in_trains_its_base_too(tmp_path):
+    from test_trainer import _args, _dataset
+
+    from lomo_trainer import LOMOTrainer
+
+    model = peft_llama()
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)  # as get_peft_model leaves it
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = LOMOTrainer(model=model, args=_args(str(tmp_path), max_steps=2, learning_rate=0.05), train_dataset=_dataset(),
+                          lomo_args={"lora": {"optimizer": ADAMW}})
+    trainer.train()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert "base_model.model.model.layers.0.mlp.up_proj.weight" in moved
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight" in moved
+    with pytest.raises(ConfigError, match="already a peft model: remove the lora block's LoraConfig fields"):
+        LOMOTrainer(model=model, args=_args(str(tmp_path)), train_dataset=_dataset(), lomo_args={"lora": LORA})
+
+
+def test_deepspeed_json_lora_block_and_one_home(tmp_path):
+    from test_trainer import _args
+
+    from lomo_trainer.config import validate
+
+    ds = {"zero_optimization": {"stage": 3}, "optimizer": {"type": "LOMO"}, "lora": {**LORA, "optimizer": ADAMW}}
+    s = validate(ds, _args(str(tmp_path)))
+    assert s.lora["config"]["r"] == 4 and s.lora["optimizer"]["type"] == "AdamW"
+    with pytest.raises(ConfigError, match=r"lomo_args.lora=.* but lora \(DeepSpeed config\)=.*one setting given in two places"):
+        validate(ds, _args(str(tmp_path)), {"lora": {**LORA, "r": 8}})
+    with pytest.raises(ConfigError, match=r"lora has unknown key\(s\) \['rank'\].*DeepSpeed config's lora block"):
+        validate({**ds, "lora": {"rank": 8}}, _args(str(tmp_path)))
