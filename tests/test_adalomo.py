@@ -53,11 +53,13 @@ def build(kind):
 
 # ---------------------------------------------------------------- the independent reference
 def reference_adalomo(model, steps, world, vocab, lr, weight_decay=0.0, clip_threshold=1.0, decay_rate=-0.8,
-                      eps=(1e-30, 1e-3), clip_grad_norm=None, clip_grad_value=None, per_param=False, batches=None):
-    """float64 AdaLomo (arXiv 2310.10195, Algorithm 1) on the rank-averaged loss."""
+                      eps=(1e-30, 1e-3), clip_grad_norm=None, clip_grad_value=None, per_param=False, batches=None,
+                      keep=lambda name: True):
+    """float64 AdaLomo (arXiv 2310.10195, Algorithm 1) on the rank-averaged loss, over the parameters ``keep``
+    names (the others stay fixed)."""
     model = copy.deepcopy(model).double()
     get = (lambda s, r: batches[s][r]) if batches is not None else (lambda s, r: batch(s, r, vocab))
-    names, params = zip(*model.named_parameters())
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if keep(n)])
     state = [dict() for _ in params]
     for step in range(steps):
         loss = sum(model(input_ids=b, labels=b).loss for b in (get(step, r) for r in range(world))) / world
@@ -86,7 +88,7 @@ def reference_adalomo(model, steps, world, vocab, lr, weight_decay=0.0, clip_thr
                 u = u / max(1.0, (u.pow(2).mean().sqrt() / clip_threshold).item())
                 lr_t = lr * max(eps[1], p.pow(2).mean().sqrt().item())
                 p.mul_(1 - lr_t * weight_decay).sub_(lr_t * u)
-    return {n: p.detach().clone() for n, p in zip(names, params)}
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def assert_close(result, ref, init, rtol=2e-5):

@@ -110,6 +110,20 @@ def test_lomo_arguments_on_the_command_line_and_in_the_run_config(lomo_train, tm
     refused(lomo_train, r"max_consecutive_skips must be an integer >= 1, got 0", max_consecutive_skips=0)
 
 
+def test_lora_block_on_the_command_line_and_in_the_run_config(lomo_train):
+    """LOMO+LoRA's block: a JSON object in the run config, a JSON string on the command line; bad keys and values
+    are one line naming them, from peft's and torch's own checks."""
+    rc, _, reached = lomo_train("--lora", '{"r": 4, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}')
+    assert rc == 0 and reached
+    reached.clear()
+    refused(lomo_train, r"error: lora has unknown key\(s\) \['rank'\]: use peft LoraConfig fields", lora={"rank": 4})
+    refused(lomo_train, r"error: lora must be a JSON object, got invalid JSON", "--lora", '{"r": 4')
+    refused(lomo_train, r"error: lora.optimizer.type 'Muon': use an element-wise torch.optim class",
+            lora={"optimizer": {"type": "Muon"}})
+    refused(lomo_train, r"error: lora.optimizer.params: Invalid learning rate: -1",
+            lora={"optimizer": {"type": "AdamW", "params": {"lr": -1}}})
+
+
 def test_no_abbreviations(lomo_train):
     """--learning_rat used to be taken as --learning_rate; the same typo in the file was refused."""
     refused(lomo_train, r"unknown command-line argument\(s\) \['--learning_rat', '0.1'\]", "--learning_rat", "0.1")

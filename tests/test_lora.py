@@ -98,6 +98,30 @@ def test_zero3_lomo_lora_without_clipping_one_pass():
     check_zero3(2, dict(lr=0.05))
 
 
+def test_zero3_adalomo_base_with_fixed_adapters_is_adalomo():
+    """AdaLomo on the base: with the adapters' AdamW at lr 0 the base must follow test_adalomo's float64 reference
+    (the adapter group takes no part in AdaLomo's statistics) and the adapters stay put. No norm clipping: the global
+    norm would also count the adapters' gradients, which the base-only reference leaves out."""
+    from test_adalomo import reference_adalomo
+
+    global ADAMW
+    saved, ADAMW = ADAMW, {"type": "AdamW", "params": {"lr": 0.0}}
+    try:
+        params = run_ranks(train_zero3, 2, dict(lr=0.05), cls=AdaLomo)[0]
+    finally:
+        ADAMW = saved
+    model = peft_llama()
+    init = {n: p.detach().double() for n, p in model.named_parameters()}
+    ref = reference_adalomo(model, STEPS, 2, VOCAB, lr=0.05, keep=lambda n: "lora_" not in n)
+    for name, expected in ref.items():
+        if "lora_" in name:
+            assert torch.equal(params[name], init[name]), name
+            continue
+        moved = (expected - init[name]).abs().max().item()
+        err = (params[name] - expected).abs().max().item()
+        assert moved > 1e-5 and err <= 2e-5 * moved + 2.4e-7 * max(1.0, expected.abs().max().item()), (name, err, moved)
+
+
 def test_plain_module_matches_reference():
     model = peft_llama()
     init = {n: p.detach().double() for n, p in model.named_parameters()}
