@@ -1,4 +1,4 @@
-"""Small models, batches and an independent float64 SGD reference for the optimizer tests."""
+"""Small models, batches and an independent float64 SGD reference for the optimizer tests; a word-level tokenizer."""
 from __future__ import annotations
 
 import copy
@@ -36,6 +36,19 @@ def tiny_llama(tie: bool = True, seed: int = 0, vocab: int = VOCAB, hidden: int 
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=tie, attn_implementation="eager")
     return LlamaForCausalLM(cfg)
+
+
+def word_tokenizer(words):
+    """(tokenizer, vocab): one id per whitespace-separated word in ``words``, <unk> for any other; BOS first."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>"), vocab
 
 
 class OddLM(nn.Module):

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from distributed import run_ranks
 from lomo_trainer.superglue import (TASKS, from_hub, from_jsonl, get_task, instances, load_task, training_dataset,
                                     training_records)
+from models import tiny_llama, word_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "superglue"
 # examples per split once normalised (MultiRC: questions, ReCoRD: queries)
@@ -139,18 +141,6 @@ def test_training_records_are_prompt_plus_gold():
     assert rec["completion"] == " Quarn City are now top of the league."
 
 
-def word_tokenizer(words):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>"), vocab
-
-
 def test_training_dataset_masks_the_prompt_and_ends_with_eos():
     tok, v = word_tokenizer("the kettle whistled because water was boiling. girl dropped her ice cream so she "
                             "started to cry.".split())
@@ -178,9 +168,14 @@ def test_clear_errors(tmp_path):
         load_task("cb", "dev", FIXTURES)
 
 
+def superglue_main(rank, world, *argv):
+    from lomo_trainer.superglue.cli import main
+
+    return main(list(argv))
+
+
 def test_zero_shot_cli_writes_json_markdown_and_offline_wandb(tmp_path, monkeypatch):
     from lomo_trainer.superglue.cli import main
-    from models import tiny_llama
 
     model_dir = tmp_path / "tiny"
     tiny_llama().save_pretrained(model_dir)
@@ -188,16 +183,18 @@ def test_zero_shot_cli_writes_json_markdown_and_offline_wandb(tmp_path, monkeypa
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     out = tmp_path / "out"
-    results = main(["zero-shot", "--model", str(model_dir), "--data-dir", str(FIXTURES), "--tasks", "CB,record,multirc",
-                    "--n", "2", "--output-dir", str(out), "--report-to", "wandb", "--batch-size", "4"])
+    # in a forked rank: the run's process group and world-of-one environment stay out of this pytest process
+    (results,) = run_ranks(superglue_main, 1, "zero-shot", "--model", str(model_dir), "--data-dir", str(FIXTURES),
+                           "--tasks", "CB,record,multirc", "--n", "2", "--output-dir", str(out), "--report-to", "wandb",
+                           "--batch-size", "4")
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert set(saved["tasks"]) == {"cb", "record", "multirc"}
     assert saved["tasks"]["cb"]["n"] == 2 and set(saved["tasks"]["multirc"]) >= {"f1a", "em", "score"}
-    assert (out / "results.md").read_text().splitlines()[2].startswith("| tiny | ")
+    assert (out / "results.md").read_text().splitlines()[2].startswith("| tiny zero-shot | ")
     assert list(tmp_path.glob("wandb/offline-run-*")), "no offline wandb run was written"
     md = main(["table", str(out / "results.json"), str(out / "results.json"), "--output", str(tmp_path / "t.md")])
-    assert md.count("| tiny |") == 2 and (tmp_path / "t.md").read_text() == md
+    assert md.count("| tiny zero-shot |") == 2 and (tmp_path / "t.md").read_text() == md
     with pytest.raises(SystemExit):
         main(["zero-shot", "--model", str(model_dir), "--tasks", "nope"])
 

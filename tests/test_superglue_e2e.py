@@ -1,15 +1,18 @@
 """SuperGLUE end to end on CPU: zero-shot (LOMOTrainer over zero epochs), LOMO fine-tuning on 2 ZeRO-3 ranks
-for two tasks in one process, LoRA on 1 rank, then `table` with one row per method.
+for two tasks in one process, LoRA on 1 rank, then `table` with one row per method; zero-shot --model against
+zero-shot --config on the same weights.
 
-The tiny LLaMA is random and its word-level tokenizer knows none of the fixture words: this checks the
+The shipped tiny LLaMA is random and its word-level tokenizer knows none of the fixture words: this checks the
 plumbing (data, training, distributed evaluation, result files), not accuracy.
 """
+import glob
 import json
 import os
 
 import pytest
 
 from distributed import run_ranks
+from models import tiny_llama, word_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "superglue", "tiny_cpu.json")
@@ -68,6 +71,65 @@ def test_zero_shot_lomo_lora_then_table(tmp_path, monkeypatch):
     assert rows[1].split(" | ")[2] == "–", "LoRA ran CB only: its COPA cell must be empty"
 
 
+def fixture_model(path) -> str:
+    """A random tiny LLaMA saved with a tokenizer that knows every fixture word, so that candidates score apart,
+    and 24 positions, so that its longer prompts are cut (fixture prompts have 8 to 37 words)."""
+
+    def strings(x):
+        if isinstance(x, str):
+            yield x
+        for v in x.values() if isinstance(x, dict) else x if isinstance(x, list) else ():
+            yield from strings(v)
+
+    words = sorted({w for f in glob.glob(os.path.join(FIXTURES, "*", "*.jsonl")) for line in open(f)
+                    for text in strings(json.loads(line)) for w in text.split()})
+    tokenizer, vocab = word_tokenizer(words)
+    tokenizer.save_pretrained(path)
+    model = tiny_llama(vocab=len(vocab))
+    model.config.max_position_embeddings = 24  # zero-shot --model's default max_length
+    model.save_pretrained(path)
+    return str(path)
+
+
+def zero_shot(rank, world, *argv):
+    """zero-shot on every fixture example: (results, every candidate's log-likelihood in scoring order)."""
+    from lomo_trainer.superglue import evaluation
+    from lomo_trainer.superglue.cli import main
+
+    scores, score_pairs = [], evaluation.score_pairs
+
+    def recorded(*args, **kwargs):  # patched in this forked rank only
+        logprob = score_pairs(*args, **kwargs)
+        scores.extend(logprob)
+        return logprob
+
+    evaluation.score_pairs = recorded
+    return main(["zero-shot", "--data-dir", FIXTURES, "--n", "-1", *argv]), scores
+
+
+def test_zero_shot_model_and_config_are_one_path(tmp_path):
+    """--model (a run config from its flags: no DeepSpeed, here 2 ranks sharing the candidates) and --config
+    (ZeRO-3 on 1 rank) with the same weights and max_length: the same header fields, the same log-likelihood for
+    every candidate (up to float rounding: other batches) and the same metrics."""
+    from lomo_trainer.superglue.evaluation import task_metrics
+
+    model = fixture_model(tmp_path / "model")
+    ranks = run_ranks(zero_shot, 2, "--model", model, "--output-dir", str(tmp_path / "model-run"))
+    assert ranks[0] == ranks[1], "ranks disagree"
+    by_model, model_scores = ranks[0]
+    ((by_config, config_scores),) = run_ranks(zero_shot, 1, "--config", CONFIG, "--model_name_or_path", model,
+                                              "--init_from_scratch", "false", "--max_length", "24",
+                                              "--output_dir", str(tmp_path / "config-run"))
+    assert set(by_model) == set(by_config) and by_model["method"] == by_config["method"] == "zero-shot"
+    assert by_model["name"] == by_config["name"] == "model zero-shot" and by_model["learning_rate"] is None
+    assert set(by_model["tasks"]) == set(by_config["tasks"]) == {"boolq", "cb", "copa", "multirc", "record", "rte",
+                                                                 "wic", "wsc"}
+    assert len(model_scores) == len(config_scores) > 50 and model_scores == pytest.approx(config_scores, rel=1e-5)
+    for task, r in by_model["tasks"].items():
+        keys = (*task_metrics(task, "standard"), "score", "n", "epoch", "step", "train_steps")
+        assert {k: r[k] for k in keys} == {k: by_config["tasks"][task][k] for k in keys}, task
+
+
 def test_per_task_results_files_share_a_row(tmp_path):
     from lomo_trainer.superglue.cli import main
 
@@ -122,16 +184,28 @@ def readme_commands():
             if line.strip().startswith("python -m lomo_trainer.superglue")]
 
 
-def test_readme_cpu_command_runs_as_one_plain_process(tmp_path):
-    """No launcher, no torchrun: DeepSpeed must not fall back to MPI discovery (mpi4py)."""
+def run_plain(cmd: str, *extra: str):
+    """A README command line as one plain process: no launcher, no rank variables (DeepSpeed must not fall back
+    to MPI discovery, mpi4py); "python" is this interpreter."""
     import subprocess
     import sys
 
-    (cmd,) = [c for c in readme_commands() if "tiny_cpu.json" in c and " finetune " in c]
-    argv = cmd.split()[1:]  # "python" -> this interpreter
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, *argv, "--output_dir", str(tmp_path), "--max_steps", "1"], cwd=ROOT,
-                          env={**env, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, *cmd.split()[1:], *extra], cwd=ROOT, env={**env, "PYTHONPATH": ROOT},
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_readme_cpu_command_runs_as_one_plain_process(tmp_path):
+    (cmd,) = [c for c in readme_commands() if "tiny_cpu.json" in c and " finetune " in c]
+    run_plain(cmd, "--output_dir", str(tmp_path), "--max_steps", "1")
     saved = json.load(open(tmp_path / "results.json"))
     assert set(saved["tasks"]) == {"cb", "copa"} and saved["protocol"] == "standard"
+
+
+def test_readme_zero_shot_model_command_runs_as_one_plain_process(tmp_path):
+    (cmd,) = [c for c in readme_commands() if " zero-shot --model " in c]
+    cmd = cmd.replace("PATH", fixture_model(tmp_path / "model")).replace("[--data-dir DIR]", f"--data-dir {FIXTURES}")
+    run_plain(cmd, "--output-dir", str(tmp_path / "out"))
+    saved = json.load(open(tmp_path / "out" / "results.json"))
+    assert set(saved["tasks"]) == {"boolq", "cb", "copa"} and saved["name"] == "model zero-shot"

@@ -8,10 +8,12 @@
 
 Every command but ``table`` takes ``--protocol standard|paper`` (``protocols.py``). A plain process is a world
 of one; under ``torchrun``/``deepspeed`` every rank scores a share of the candidates and rank 0 writes
-``results.json``/``results.md``. ``finetune``/``lora`` (and ``zero-shot --config``) train a fresh model per task
-on ``--n-train`` seeded training examples and evaluate ``--n-eval`` seeded validation examples after every
-epoch; results keep the best and the last epoch. ``RUN.json`` is a ``lomo-train`` run config
-(``configs/superglue/``); unknown ``--key value`` arguments override its fields.
+``results.json``/``results.md``. ``finetune``/``lora`` train a fresh model per task on ``--n-train`` seeded
+training examples and evaluate ``--n-eval`` seeded validation examples after every epoch; results keep the
+best and the last epoch. ``zero-shot`` is the same path with zero epochs: ``--config`` builds the model as
+RUN.json says, ``--model`` as a run config written from its flags (no DeepSpeed: the model whole on each
+rank). ``RUN.json`` is a ``lomo-train`` run config (``configs/superglue/``); unknown ``--key value`` arguments
+override its fields.
 """
 from __future__ import annotations
 
@@ -33,18 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     z = sub.add_parser("zero-shot", help="evaluate a causal LM by ranking candidate answers", epilog=OVERRIDES)
     source = z.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="model path or hub id, loaded whole on each rank")
+    source.add_argument("--model", help="model path or hub id, loaded whole on each rank (no DeepSpeed)")
     source.add_argument("--config", help="run config: the model sharded as its DeepSpeed JSON says")
+    # --model only (its run config); with --config, RUN.json's fields say these
     z.add_argument("--tokenizer", help="tokenizer path (default: --model)")
     z.add_argument("--split", default="validation", choices=("train", "validation", "val"))
     z.add_argument("--n", "--n-eval", dest="n", type=int,
                    help="examples per task, drawn with --sample-seed (default 1000; -1: all)")
     z.add_argument("--n-train", type=int, help=argparse.SUPPRESS)  # ignored: lets one flag set serve every method
-    z.add_argument("--batch-size", type=int, default=8)
-    z.add_argument("--max-length", type=int, help="tokens per sequence (default: the protocol's, else the model's)")
-    z.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    z.add_argument("--device", help="default: cuda (this rank's) when available, else cpu")
-    z.add_argument("--output-dir", default="superglue_results")
+    z.add_argument("--batch-size", type=int, help="candidates per forward pass (default 8)")
+    z.add_argument("--max-length", type=int, help="tokens per sequence under --protocol standard (default: the "
+                   "model's max_position_embeddings; paper: always its code's 1024)")
+    z.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default float32")
+    z.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda (this rank's GPU) when available")
+    z.add_argument("--output-dir", help="default: superglue_results")
     _add_common(z)
     for name, help_ in (("finetune", "fine-tune every parameter with LOMO (LOMOTrainer), then evaluate"),
                         ("lora", "fine-tune LoRA adapters (peft, stock Trainer + AdamW), then evaluate")):
@@ -91,11 +95,7 @@ def _add_train_args(p: argparse.ArgumentParser, lora: bool) -> None:
 
 
 def zero_shot(args) -> dict:
-    if args.config:  # one path with finetune: the engine is built as RUN.json says, no step is taken
-        return run_tasks(args, "zero-shot")
-    from .plain import zero_shot_plain
-
-    return zero_shot_plain(args, _task_names(args))
+    return run_tasks(args, "zero-shot")  # one path with finetune: the model is built, no step is taken
 
 
 def finetune(args) -> dict:

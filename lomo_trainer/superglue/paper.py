@@ -8,8 +8,11 @@ the strings below reproduce what that code produces, and ``tests/test_superglue_
   bare answer strings (``Yes``/``No``, no leading space: the prompt ends with the space).
 - COPA's "natural" prompt: its one part with the newline stripped, ``{premise} so `` / ``{premise} because ``;
   the candidates are the choices as written (full stop and capital kept).
-- ReCoRD: candidates are the entity strings (the hub's ``entities``: the sorted set), minus any that spell a
-  gold answer other than the first; the gold is the first answer (answers sorted, as on the hub).
+- ReCoRD: candidates are the entity strings, minus any that spell a gold answer other than the first; the
+  gold is the first answer (answers sorted, as on the hub). Its code takes the hub's ``entities`` as stored:
+  unique, but since the super_glue script's 1.0.3 (entity_spans added) a Python set written in the hash order
+  of the process that built the data, so not reproducible; sorted here (as 1.0.2 stored them). Same
+  candidates and gold; only an exact score tie can resolve differently (both take the first best).
 - MultiRC: one example per answer option (the hub's rows), so 1000 samples are 1000 options.
 - CB: its code has CB commented out, so the protocol has no CB.
 """
@@ -59,7 +62,7 @@ def _multirc(ex):
 
 
 def _record(ex):
-    entities = sorted(set(ex["entities"]))
+    entities = sorted(set(ex["entities"]))  # the paper's order is the hub's set order: see the module doc
     answers = ex["answers"]  # sorted, unique (schema)
     if len(answers) > 1:  # an entity spelling another gold answer would be a right answer scored wrong
         entities = [e for e in entities if e not in answers[1:]]

@@ -1,15 +1,26 @@
-"""A SuperGLUE run's settings: the lomo-train run config with its overrides, sample sizes, the results header."""
+"""A SuperGLUE run's settings: the lomo-train run config with its overrides (or, for ``zero-shot --model``, one
+built from the flags), sample sizes, the results header."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from .runs import METHOD_LABELS, lora_targets
 
+# zero-shot flags that write the run config of --model; with --config, RUN.json's field says it
+MODEL_FLAGS = {"tokenizer": "tokenizer_name", "batch_size": "per_device_eval_batch_size", "max_length": "max_length",
+               "dtype": "bf16 / fp16", "device": "use_cpu", "output_dir": "output_dir"}
+
 
 def run_config(args, method: str):
     """RUN.json + overrides through lomo-train's parser; LOMO's DeepSpeed block is checked before any work."""
     from ..cli import parse, prevalidate
 
+    if getattr(args, "model", None):
+        return model_run_config(args)
+    given = [flag for flag in MODEL_FLAGS if getattr(args, flag, None) is not None]
+    if given:  # silently ignored, it would run with RUN.json's value instead
+        raise ValueError(f"--{given[0].replace('_', '-')} goes with --model; with --config set "
+                         f"{MODEL_FLAGS[given[0]]} in RUN.json or as --key value")
     run, targs_kwargs, lomo = parse([args.config, *args.overrides])
     for key in ("train_file", "validation_file", "dataset_name"):
         if getattr(run, key):
@@ -21,6 +32,32 @@ def run_config(args, method: str):
         targs_kwargs, lomo = _adalomo(targs_kwargs, lomo)
     prevalidate(targs_kwargs, lomo)
     return run, targs_kwargs, lomo
+
+
+def model_run_config(args):
+    """``zero-shot --model``: the run config of one plain process per rank, without DeepSpeed (the model whole
+    on each rank; under a launcher the ranks still share the scoring), in the dtype and on the device asked."""
+    import torch
+    from transformers import AutoConfig
+
+    from ..cli import RunArguments, precheck_model
+    from ..config import LOMOArguments
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
+    run = RunArguments(model_name_or_path=args.model, tokenizer_name=args.tokenizer)
+    precheck_model(run)  # a missing folder reads as such, not as a hub error
+    # the protocol's own max_length (paper: 1024) still wins in run_task, as with --config
+    run.max_length = args.max_length or getattr(AutoConfig.from_pretrained(args.model), "max_position_embeddings",
+                                                None) or run.max_length
+    targs_kwargs = {"output_dir": args.output_dir or "superglue_results",
+                    "per_device_eval_batch_size": args.batch_size or 8,
+                    "use_cpu": args.device == "cpu" or not torch.cuda.is_available(),
+                    "bf16": args.dtype == "bfloat16", "fp16": args.dtype == "float16",  # build_model's dtype
+                    "report_to": "none", "save_strategy": "no"}  # wandb: once per run, by write_results
+    return run, targs_kwargs, LOMOArguments()
 
 
 def _adalomo(targs_kwargs: dict, lomo):
@@ -68,11 +105,13 @@ def sample_sizes(args, run, method: str):
 def results_header(args, run, targs_kwargs, method, n_train, n_eval) -> dict:
     label = "AdaLomo" if method == "lomo" and getattr(args, "optimizer", "lomo") == "adalomo" else METHOD_LABELS[method]
     label += "" if args.protocol == "standard" else f" ({args.protocol})"
+    split = getattr(args, "split", "validation")
     results = {"name": args.name or f"{Path(run.model_name_or_path.rstrip('/')).name} {label}",
                "model": run.model_name_or_path, "method": method, "protocol": args.protocol,
-               "split": "validation", "normalize": args.normalize, "n": n_eval, "n_train": n_train,
-               "seed": args.sample_seed, "data": args.data_dir or args.hub_repo, "config": args.config,
-               "learning_rate": targs_kwargs["learning_rate"], "tasks": {}}
+               "split": "validation" if split == "val" else split, "normalize": args.normalize, "n": n_eval,
+               "n_train": n_train, "seed": args.sample_seed, "data": args.data_dir or args.hub_repo,
+               "config": args.config,  # None for zero-shot --model
+               "learning_rate": None if method == "zero-shot" else targs_kwargs["learning_rate"], "tasks": {}}
     if method == "lora":
         results["lora"] = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
                            "targets": lora_targets(args), "lr": args.lora_lr}
