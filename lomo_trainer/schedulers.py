@@ -27,6 +27,6 @@ def deepspeed_scheduler(block: dict, optimizer, num_training_steps: int, args):
         for key in ("warmup_min_lr", "warmup_max_lr"):
             value = params.get(key, lrs[0] if key == "warmup_max_lr" else None)
             if value is not None:
-                params[key] = [value * lr / lrs[0] if lrs[0] else (lr if key == "warmup_max_lr" else value)
-                               for lr in lrs]
+                params[key] = [value] + [value * lr / lrs[0] if lrs[0] else (lr if key == "warmup_max_lr" else value)
+                                         for lr in lrs[1:]]
     return getattr(lr_schedules, kind)(optimizer, **params)

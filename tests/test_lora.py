@@ -278,3 +278,20 @@ def test_deepspeed_json_lora_block_and_one_home(tmp_path):
         validate(ds, _args(str(tmp_path)), {"lora": {**LORA, "r": 8}})
     with pytest.raises(ConfigError, match=r"lora has unknown key\(s\) \['rank'\].*DeepSpeed config's lora block"):
         validate({**ds, "lora": {"rank": 8}}, _args(str(tmp_path)))
+
+
+@pytest.mark.parametrize("kind", ["WarmupLR", "WarmupDecayLR", "WarmupCosineLR"])
+def test_deepspeed_schedulers_drive_the_adapter_lr_from_its_own_peak(kind):
+    from test_trainer import _args
+
+    from lomo_trainer.schedulers import deepspeed_scheduler
+
+    model = peft_llama()
+    opt = LOMO(model, lr=0.05, adapters=adapter_parameters(model), adapter_optimizer=ADAMW)
+    params = {"warmup_min_lr": 0.01} if kind != "WarmupCosineLR" else {}
+    sched = deepspeed_scheduler({"type": kind, "params": {**params, "warmup_num_steps": 3}}, opt, 10, _args("/tmp"))
+    for _ in range(8):
+        base, adapter = (g["lr"] for g in opt.param_groups)
+        assert adapter == pytest.approx(base * ADAMW["params"]["lr"] / 0.05, rel=1e-12), (base, adapter)
+        sched.step()
+    assert opt.param_groups[0]["lr"] != 0.05 or kind == "WarmupLR"

@@ -17,6 +17,7 @@ from models import tiny_llama, word_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "superglue", "tiny_cpu.json")
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "superglue")
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 
 
 def superglue(rank, world, command, out, tasks, *extra):
@@ -39,7 +40,7 @@ def check_results(out, method, tasks, returned):
     return saved
 
 
-def test_zero_shot_lomo_lora_then_table(tmp_path, monkeypatch):
+def test_zero_shot_lomo_lora_lomo_lora_then_table(tmp_path, monkeypatch):
     lomo, lora, zero = (str(tmp_path / m) for m in ("lomo", "lora", "zero-shot"))
     returned = run_ranks(superglue, 2, "finetune", lomo, "cb,copa")
     saved = check_results(lomo, "lomo", {"cb": ("accuracy", "f1"), "copa": ("accuracy",)}, returned)
@@ -57,16 +58,26 @@ def test_zero_shot_lomo_lora_then_table(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    returned = run_ranks(superglue, 1, "lora", lora, "cb", "--report-to", "wandb", "--n-train", "2")
+    returned = run_ranks(superglue, 1, "lora", lora, "cb", "--report-to", "wandb", "--n-train", "2",
+                         "--lora", json.dumps(LORA), "--learning_rate", "5e-4")
     saved = check_results(lora, "lora", {"cb": ("accuracy", "f1")}, returned)
-    assert saved["lora"]["targets"] == ["q_proj", "v_proj"] and saved["tasks"]["cb"]["n_train"] == 2
+    assert saved["lora"]["target_modules"] == ["q_proj", "v_proj"] and saved["lora"]["lr"] == 5e-4
+    assert saved["tasks"]["cb"]["n_train"] == 2
     assert list(tmp_path.glob("wandb/offline-run-*")), "no offline wandb run was written"
+
+    # LOMO + LoRA on 2 ZeRO-3 ranks: the run config's lora block (here given on the command line) with its optimizer
+    lomo_lora = str(tmp_path / "lomo-lora")
+    block = {**LORA, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    returned = run_ranks(superglue, 2, "finetune", lomo_lora, "cb", "--method", "lomo-lora", "--lora", json.dumps(block))
+    saved = check_results(lomo_lora, "lomo-lora", {"cb": ("accuracy", "f1")}, returned)
+    assert saved["lora"]["lr"] == 1e-3 and saved["learning_rate"] == 0.03 and saved["tasks"]["cb"]["train_steps"] == 2
 
     from lomo_trainer.superglue.cli import main
 
-    md = main(["table", *(os.path.join(d, "results.json") for d in (zero, lora, lomo))])
+    md = main(["table", *(os.path.join(d, "results.json") for d in (zero, lora, lomo, lomo_lora))])
     rows = md.splitlines()[2:]
-    assert [r.split(" | ")[0] for r in rows] == ["| tiny-llama zero-shot", "| tiny-llama LoRA", "| tiny-llama LOMO"]
+    assert [r.split(" | ")[0] for r in rows] == ["| tiny-llama zero-shot", "| tiny-llama LoRA", "| tiny-llama LOMO",
+                                                 "| tiny-llama LOMO+LoRA"]
     assert "CB (acc/F1)" in md and "COPA (acc)" in md
     assert rows[1].split(" | ")[2] == "–", "LoRA ran CB only: its COPA cell must be empty"
 
@@ -151,6 +162,34 @@ def test_bad_run_config_is_one_line(tmp_path, capsys):
         main(["finetune", "--config", str(bad), "--tasks", "cb"])
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "train_file is set" in err
+
+
+@pytest.mark.parametrize("command,extra,message", [
+    (["finetune"], ["--lora", json.dumps(LORA)], "has a lora block: run finetune --method lomo-lora"),
+    (["finetune", "--method", "lomo-lora"], [], "has no lora block: use configs/superglue/<size>_lomo_lora_8x3090.json"),
+    (["lora"], [], "has no lora block: use configs/superglue/<size>_lora_8x3090.json"),
+    (["lora"], ["--lora", json.dumps({**LORA, "optimizer": {"type": "AdamW"}})], "lora.optimizer is LOMO\\+LoRA's"),
+])
+def test_method_and_lora_block_must_agree(capsys, command, extra, message):
+    """The method says what trains; the run config's lora block must agree, or one line before any work."""
+    import re
+
+    from lomo_trainer.superglue.cli import main
+
+    with pytest.raises(SystemExit):
+        main([*command, "--config", CONFIG, "--tasks", "cb", "--data-dir", FIXTURES, *extra])
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.search(message, err), err
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "superglue", "*_8x3090.json"))))
+def test_shipped_configs_name_their_method(path):
+    """One config per size and method: a lora block exactly in the LoRA ones, its optimizer only in LOMO+LoRA's."""
+    cfg = json.load(open(path))
+    method = os.path.basename(path).split("_", 1)[1].rsplit("_", 1)[0]
+    assert ("lora" in cfg) == (method != "lomo"), path
+    assert ("optimizer" in cfg.get("lora", {})) == (method == "lomo_lora"), path
+    assert cfg["learning_rate"] == (5e-4 if method == "lora" else 0.03), path
 
 
 def test_paper_protocol_runs_and_never_shares_a_column(tmp_path):

@@ -3,7 +3,8 @@
     python -m lomo_trainer.superglue zero-shot --model PATH [--tasks cb,copa] [--data-dir DIR] [--n 1000]
     python -m lomo_trainer.superglue zero-shot --config RUN.json [...]     # sharded as RUN.json says (ZeRO-3)
     python -m lomo_trainer.superglue finetune --config RUN.json [--tasks cb,copa] [--key value ...]
-    python -m lomo_trainer.superglue lora --config RUN.json [--lora-r 8 --lora-lr 5e-4 ...] [--key value ...]
+    python -m lomo_trainer.superglue finetune --method lomo-lora --config RUN.json [...]   # LOMO + LoRA
+    python -m lomo_trainer.superglue lora --config RUN.json [--key value ...]          # the peft LoRA baseline
     python -m lomo_trainer.superglue table RESULTS.json [MORE.json ...] [--output TABLE.md]
 
 Every command but ``table`` takes ``--protocol standard|paper`` (``protocols.py``). A plain process is a world
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda (this rank's GPU) when available")
     z.add_argument("--output-dir", help="default: superglue_results")
     _add_common(z)
-    for name, help_ in (("finetune", "fine-tune every parameter with LOMO (LOMOTrainer), then evaluate"),
+    for name, help_ in (("finetune", "fine-tune every parameter with LOMO (LOMOTrainer; --method lomo-lora: with "
+                                     "LoRA adapters too), then evaluate"),
                         ("lora", "fine-tune LoRA adapters (peft, stock Trainer + AdamW), then evaluate")):
         _add_train_args(sub.add_parser(name, help=help_, allow_abbrev=False, epilog=OVERRIDES), lora=name == "lora")
     t = sub.add_parser("table", help="render results JSON files as one markdown table")
@@ -85,13 +87,9 @@ def _add_train_args(p: argparse.ArgumentParser, lora: bool) -> None:
     if not lora:
         p.add_argument("--optimizer", choices=("lomo", "adalomo"), default="lomo",
                        help="adalomo: AdaLomo instead of LOMO's SGD (the run config's LOMO block becomes AdaLomo)")
-    if lora:
-        p.add_argument("--lora-r", type=int, default=8)
-        p.add_argument("--lora-alpha", type=int, default=16)
-        p.add_argument("--lora-dropout", type=float, default=0.05)
-        p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names")
-        p.add_argument("--lora-lr", type=float, default=5e-4,
-                       help="AdamW learning rate; replaces the config's (LOMO's) learning_rate")
+        p.add_argument("--method", choices=("lomo", "lomo-lora"), default="lomo",
+                       help="lomo-lora: LOMO on the base weights and the run config's lora block's adapters, one "
+                            "backward (configs/superglue/<size>_lomo_lora_8x3090.json)")
 
 
 def zero_shot(args) -> dict:
@@ -99,7 +97,7 @@ def zero_shot(args) -> dict:
 
 
 def finetune(args) -> dict:
-    return run_tasks(args, "lomo")
+    return run_tasks(args, args.method)
 
 
 def lora(args) -> dict:
@@ -116,7 +114,7 @@ def run_tasks(args, method: str) -> dict:
     run, targs_kwargs, lomo = run_config(args, method)
     single_process_env()  # after the checks: bad input fails before any process group exists
     n_train, n_eval = sample_sizes(args, run, method)
-    results = results_header(args, run, targs_kwargs, method, n_train, n_eval)
+    results = results_header(args, run, targs_kwargs, lomo, method, n_train, n_eval)
     rank = 0
     for name in names:
         split = getattr(args, "split", "validation")

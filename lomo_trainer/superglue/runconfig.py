@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runs import METHOD_LABELS, lora_targets
+from .runs import METHOD_LABELS
 
 # zero-shot flags that write the run config of --model; with --config, RUN.json's field says it
 MODEL_FLAGS = {"tokenizer": "tokenizer_name", "batch_size": "per_device_eval_batch_size", "max_length": "max_length",
@@ -26,8 +26,17 @@ def run_config(args, method: str):
         if getattr(run, key):
             raise ValueError(f"{args.config}: {key} is set, but SuperGLUE runs build their own data from "
                              "--data-dir or the hub; remove it.")
-    if method == "lora":
-        return run, lora_training_kwargs(targs_kwargs, args), lomo
+    block = lora_block(targs_kwargs, lomo)
+    if method in ("lora", "lomo-lora") and block is None:
+        raise ValueError(f"{args.config} has no lora block: use configs/superglue/<size>_{method.replace('-', '_')}"
+                         "_8x3090.json, or add one with --lora '{\"r\": 8, ...}'")
+    if method == "lomo" and block is not None:
+        raise ValueError(f"{args.config} has a lora block: run finetune --method lomo-lora (LOMO + LoRA) or lora "
+                         "(the LoRA baseline), or use a LOMO run config")
+    if method == "lora":  # the block travels in lomo (runs.py builds the peft model from it)
+        import dataclasses
+
+        return run, lora_training_kwargs(targs_kwargs, block, args.config), dataclasses.replace(lomo, lora=block)
     if getattr(args, "optimizer", "lomo") == "adalomo":
         targs_kwargs, lomo = _adalomo(targs_kwargs, lomo)
     prevalidate(targs_kwargs, lomo)
@@ -73,19 +82,33 @@ def _adalomo(targs_kwargs: dict, lomo):
     return targs_kwargs, dataclasses.replace(lomo, optimizer="adalomo")
 
 
-def lora_training_kwargs(targs_kwargs: dict, args) -> dict:
-    """LoRA trains with the stock Trainer's AdamW at --lora-lr: the DeepSpeed JSON (if any) loses its LOMO
-    optimizer and its scheduler blocks, so DeepSpeed wraps HF's AdamW and TrainingArguments' schedule."""
+def lora_block(targs_kwargs: dict, lomo) -> dict | None:
+    """The run's lora block (run config, command line or DeepSpeed JSON; validate makes two of them agree)."""
     from ..config import load_json
 
-    kwargs = dict(targs_kwargs, learning_rate=args.lora_lr)
+    if lomo.lora is not None:
+        return lomo.lora
+    ds = targs_kwargs.get("deepspeed")
+    return (load_json(ds) if ds else {}).get("lora")
+
+
+def lora_training_kwargs(targs_kwargs: dict, block: dict, config: str) -> dict:
+    """The LoRA baseline trains with the stock Trainer's AdamW at learning_rate (the lora block has no optimizer
+    of its own here): the DeepSpeed JSON (if any) loses its LOMO optimizer, scheduler and lora blocks, so
+    DeepSpeed wraps HF's AdamW and TrainingArguments' schedule."""
+    from ..config import load_json
+
+    if "optimizer" in block:
+        raise ValueError(f"{config}: lora.optimizer is LOMO+LoRA's adapter optimizer; the LoRA baseline trains with the "
+                         "stock Trainer's AdamW at learning_rate: remove it (configs/superglue/<size>_lora_8x3090.json)")
+    kwargs = dict(targs_kwargs)
     if kwargs.get("deepspeed"):
         ds = dict(load_json(kwargs["deepspeed"]))
         if ds.get("optimizer", {}).get("type", "LOMO") != "LOMO":
             raise ValueError(f"{kwargs['deepspeed']}: optimizer.type {ds['optimizer']['type']!r}; lora expects "
                              "a LOMO run config's DeepSpeed JSON (its LOMO block is dropped) or --deepspeed ''.")
-        ds.pop("optimizer", None)
-        ds.pop("scheduler", None)
+        for key in ("optimizer", "scheduler", "lora"):
+            ds.pop(key, None)
         kwargs["deepspeed"] = ds  # TrainingArguments takes a dict
     return kwargs
 
@@ -102,7 +125,7 @@ def sample_sizes(args, run, method: str):
     return _size(args.n_train, run.max_train_samples), _size(args.n_eval, run.max_eval_samples)
 
 
-def results_header(args, run, targs_kwargs, method, n_train, n_eval) -> dict:
+def results_header(args, run, targs_kwargs, lomo, method, n_train, n_eval) -> dict:
     label = "AdaLomo" if method == "lomo" and getattr(args, "optimizer", "lomo") == "adalomo" else METHOD_LABELS[method]
     label += "" if args.protocol == "standard" else f" ({args.protocol})"
     split = getattr(args, "split", "validation")
@@ -112,7 +135,10 @@ def results_header(args, run, targs_kwargs, method, n_train, n_eval) -> dict:
                "n_train": n_train, "seed": args.sample_seed, "data": args.data_dir or args.hub_repo,
                "config": args.config,  # None for zero-shot --model
                "learning_rate": None if method == "zero-shot" else targs_kwargs["learning_rate"], "tasks": {}}
-    if method == "lora":
-        results["lora"] = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                           "targets": lora_targets(args), "lr": args.lora_lr}
+    if method in ("lora", "lomo-lora"):
+        from ..lora import check_block
+
+        block = check_block(lora_block(targs_kwargs, lomo))
+        results["lora"] = {**block["config"], "lr": block["optimizer"]["params"].get("lr") if method == "lomo-lora"
+                           else targs_kwargs["learning_rate"]}
     return results

@@ -10,7 +10,7 @@ from .loading import load_task, subsample
 from .protocols import get_protocol
 from .training import epoch_eval_trainer, select, training_dataset
 
-METHOD_LABELS = {"lomo": "LOMO", "lora": "LoRA", "zero-shot": "zero-shot"}
+METHOD_LABELS = {"lomo": "LOMO", "lomo-lora": "LOMO+LoRA", "lora": "LoRA", "zero-shot": "zero-shot"}
 
 
 def load_examples(task: str, split: str, n: int | None, opts) -> list[dict]:
@@ -71,19 +71,15 @@ def _build_trainer(method, model, targs, train_data, tokenizer, opts, lomo, rank
         from peft import LoraConfig, get_peft_model
         from transformers import Trainer
 
-        config = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                            target_modules=lora_targets(opts), task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
+        from ..lora import check_block
+
+        model = get_peft_model(model, LoraConfig(**check_block(lomo.lora)["config"]))
         if targs.process_index == 0:
             model.print_trainable_parameters()
         return epoch_eval_trainer(Trainer)(model=model, **common)
     from ..trainer import LOMOTrainer
 
     return epoch_eval_trainer(LOMOTrainer)(model=model, lomo_args=lomo, **common)
-
-
-def lora_targets(opts) -> list[str]:
-    return [m.strip() for m in opts.lora_targets.split(",") if m.strip()]
 
 
 def _release(trainer) -> None:
