@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 
 import torch
 from torch import nn
@@ -252,17 +251,10 @@ class AdapterOptimizer:
         return True
 
 
-def adapter_numel(model) -> tuple[int, int]:
-    """(adapter elements, all elements), counting ZeRO-3 parameters at full size."""
-    adapters = sum(_zero.full_numel(p) for p in adapter_parameters(model))
-    return adapters, sum(_zero.full_numel(p) for p in model.parameters())
-
-
-def _ratio(a: int, b: int) -> str:
-    return f"{100 * a / max(b, 1):.3f}%" if b else "n/a"
-
-
 def describe(model) -> str:
-    a, total = adapter_numel(model)
-    return (f"LOMO+LoRA: {total - a:,} base parameters (LOMO), {a:,} adapter parameters ({_ratio(a, total)}, "
-            f"{math.ceil(a * 16 / 2**20)} MiB of fp32 master + AdamW state at most)")
+    """One log line: what LOMO and what the adapter optimizer train (ZeRO-3 parameters counted at full size)."""
+    adapters = sum(_zero.full_numel(p) for p in adapter_parameters(model))
+    total = sum(_zero.full_numel(p) for p in model.parameters())
+    return (f"LOMO+LoRA: {total - adapters:,} base parameters (LOMO), {adapters:,} adapter parameters "
+            f"({100 * adapters / max(total, 1):.2f}% of all; fp32 masters + AdamW state: "
+            f"{adapters * 12 / 2**20:.1f} MiB over all ranks)")

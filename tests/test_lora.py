@@ -295,3 +295,93 @@ def test_deepspeed_schedulers_drive_the_adapter_lr_from_its_own_peak(kind):
         assert adapter == pytest.approx(base * ADAMW["params"]["lr"] / 0.05, rel=1e-12), (base, adapter)
         sched.step()
     assert opt.param_groups[0]["lr"] != 0.05 or kind == "WarmupLR"
+
+
+def test_non_finite_adapter_gradient_leaves_adapters_and_state_and_is_counted():
+    """One pass (no clipping, fp32): the loss is finite, so the base updates inside backward; an adapter gradient
+    that is NaN leaves every adapter and the AdamW state as they were, and the next step's sync counts the step."""
+    model = peft_llama()
+    adapters = adapter_parameters(model)
+    opt = LOMO(model, lr=0.05, adapters=adapters, adapter_optimizer=ADAMW)
+    poison = {"on": False}
+    adapters[0].register_hook(lambda g: g * float("nan") if poison["on"] else g)
+
+    def step(i):
+        b = batch(i, 0, VOCAB)
+        opt.step(lambda: model(input_ids=b, labels=b).loss)
+
+    def snapshot():
+        a = opt.adapters
+        return [p.detach().clone() for p in adapters] + [a.masters[p].detach().clone() for p in a.params] + \
+            [v.clone() for p in a.params for v in a.optimizer.state[a.masters[p]].values()]
+
+    step(0)
+    before, base = snapshot(), model.base_model.model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    poison["on"] = True
+    step(1)
+    poison["on"] = False
+    after = snapshot()
+    assert all(torch.equal(x, y) for x, y in zip(before, after)), "a NaN adapter gradient changed adapters or state"
+    assert not torch.equal(base, model.base_model.model.model.layers[0].mlp.up_proj.weight), "the base did update"
+    assert opt.skipped_steps == 0
+    step(2)
+    assert (opt.skipped_steps, opt.update_overflows) == (1, 1)
+    assert not all(torch.equal(x, y) for x, y in zip(after, snapshot())), "the next finite step updates again"
+
+
+def train_fp16_overflow(rank, world):
+    from models import allow_cpu_fp16
+
+    allow_cpu_fp16()
+    model = peft_llama()
+    engine, *_ = deepspeed.initialize(model=model, config=dict(DS_CONFIG, fp16={"enabled": True}))
+    opt = LOMO(engine, lr=0.05, clip_grad_norm=1.0, fp16={"initial_scale_power": 8, "hysteresis": 1},
+               adapters=adapter_parameters(model), adapter_optimizer=ADAMW)
+    a = opt.adapters
+    log = []
+    for step in range(3):
+        b = batch(step, rank, VOCAB)
+        if step == 1:
+            opt.loss_scaler.scale = 2.0 ** 40  # every fp16 gradient overflows
+        if step == 2:
+            opt.loss_scaler.scale = 2.0 ** 8
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            weights = [p.detach().clone() for p in engine.module.parameters()]
+        state = [v.clone() for p in a.params for v in (a.masters[p], *a.optimizer.state[a.masters[p]].values())]
+        opt.step(lambda: engine.module(input_ids=b, labels=b).loss)
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            same_w = all(torch.equal(w, p) for w, p in zip(weights, engine.module.parameters()))
+        new = [v for p in a.params for v in (a.masters[p], *a.optimizer.state[a.masters[p]].values())]
+        same_s = len(state) == len(new) and all(torch.equal(x, y) for x, y in zip(state, new))
+        log.append((opt.last_step_skipped, same_w, same_s))
+    return log
+
+
+def test_zero3_fp16_overflow_skips_base_adapters_and_adamw_state():
+    log = run_ranks(train_fp16_overflow, 2)
+    assert log[0] == log[1], "ranks disagree"
+    assert log[0] == [(False, False, False), (True, True, True), (False, False, False)], log[0]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_accumulation_with_adapters_equals_the_large_batch(world):
+    """Two micro-steps into the shard buffer (base and adapters alike), one update: the float64 reference's step
+    on both micro-batches at once, with global-norm clipping over both sets from the buffers."""
+    params = run_ranks(train_accumulated, world)[0]
+    model = peft_llama()
+    init = {n: p.detach().double() for n, p in model.named_parameters()}
+    assert_close(params, reference(model, STEPS, 2 * world, lr=0.3, clip_grad_norm=0.5), init)
+
+
+def train_accumulated(rank, world):
+    model = peft_llama()
+    engine, *_ = deepspeed.initialize(model=model, config=DS_CONFIG)
+    opt = LOMO(engine, lr=0.3, clip_grad_norm=0.5, accumulate=True, adapters=adapter_parameters(model),
+               adapter_optimizer=ADAMW)
+    for step in range(STEPS):
+        # micro-batches of rank r: batch(step, 2r) and batch(step, 2r + 1), each weighted 1/2
+        first, last = (batch(step, 2 * rank + j, VOCAB) for j in range(2))
+        opt.accumulate(lambda: engine.module(input_ids=first, labels=first).loss / 2)
+        opt.step(lambda: engine.module(input_ids=last, labels=last).loss / 2)
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        return {n: p.detach().double().clone() for n, p in engine.module.named_parameters()}
