@@ -44,9 +44,15 @@ A non-finite value in any micro-step (an fp16 overflow, a diverged loss) makes t
 whole step is skipped and the buffer cleared. The loss of each micro-step must already carry its weight in the sum
 (the trainer divides by the token count of all micro-steps and ranks, as the stock Trainer does).
 
+LOMO + LoRA (``adapters=``, see ``lora.py``): peft's adapter weights go through the same hooks (averaged, unscaled,
+clipped, counted in the global norm) into a gradient slot each; after backward a torch optimizer (AdamW by
+default) steps fp32 masters of their shards and writes them back. A non-finite adapter gradient leaves the
+adapters and their optimizer state as they were, counted like an update pass that overflowed.
+
 Host synchronisations: exactly one per step, in every mode: the ``.item()``-like read of a few
 all-reduced numbers (global norm, loss finiteness, the previous update pass's flag) after the norm pass,
-or after the forward in the one-pass modes. None per parameter, except with ``offload_param``, where each
+or after the forward in the one-pass modes; LOMO + LoRA adds one after backward (the adapters' gradients must be
+finite before their optimizer steps). None per parameter, except with ``offload_param``, where each
 reduced gradient slice is copied to the host for the host-side update (the host waits for that copy).
 ``_zero.refresh_partitions`` does not synchronise.
 """

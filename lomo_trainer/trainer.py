@@ -406,8 +406,9 @@ class LOMOTrainer(Trainer):
                     f"clip_grad_value={s.clip_grad_value}")
             if self.lora:
                 adapters = self.optimizer.adapters
-                text += (f"; LoRA adapters by {adapters.cls.__name__} (lr={adapters.lr}, {adapters.kwargs}), merged into "
-                         f"the saved weights (the adapters alone: {lora.ADAPTER_FOLDER}/)")
+                extra = "".join(f", {k}={v}" for k, v in adapters.kwargs.items())
+                text += (f"; LoRA adapters by {adapters.cls.__name__} (lr={adapters.lr}{extra}), merged into the saved "
+                         f"weights (the adapters alone: {lora.ADAPTER_FOLDER}/)")
             start = next((i for i, line in enumerate(lines) if line.startswith("- optimizer:")), None)
             if start is not None:  # the stock entry may run over several lines (its optimizer args)
                 end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("- ") or not lines[j]),

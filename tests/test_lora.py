@@ -259,6 +259,10 @@ def test_a_peft_model_passed_in_trains_its_base_too(tmp_path):
     trainer = LOMOTrainer(model=model, args=_args(str(tmp_path), max_steps=2, learning_rate=0.05), train_dataset=_dataset(),
                           lomo_args={"lora": {"optimizer": ADAMW}})
     trainer.train()
+    trainer.create_model_card(model_name="m")
+    card = open(os.path.join(str(tmp_path), "README.md")).read()
+    assert "- optimizer: LOMO (fused into backward, lomo_trainer)" in card
+    assert "LoRA adapters by AdamW (lr=0.02, betas=[0.8, 0.9], eps=0.001, weight_decay=0.1), merged" in card
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert "base_model.model.model.layers.0.mlp.up_proj.weight" in moved
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight" in moved
