@@ -137,7 +137,7 @@ def _adapter_name(model) -> str:
     return next(iter(model.peft_config))
 
 
-def base_key(model, name: str) -> str:
+def base_key(name: str) -> str:
     """A base weight's name in the plain model (as ``merge_and_unload`` leaves it)."""
     return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
@@ -147,10 +147,15 @@ def adapter_key(model, name: str) -> str:
     return name.replace(f".{_adapter_name(model)}.", ".")
 
 
+def file_key(model, name: str) -> str:
+    """Where parameter ``name`` is saved: the base folder's name, or the adapter folder's."""
+    return adapter_key(model, name) if adapter_prefix(model) in name else base_key(name)
+
+
 def split_state_dict(model, state_dict: dict) -> tuple[dict, dict]:
     """(base weights under the plain model's names, adapters under peft's file names)."""
     prefix = adapter_prefix(model)
-    base = {base_key(model, k): v for k, v in state_dict.items() if prefix not in k}
+    base = {base_key(k): v for k, v in state_dict.items() if prefix not in k}
     adapters = {adapter_key(model, k): v for k, v in state_dict.items() if prefix in k}
     return base, adapters
 
@@ -169,7 +174,7 @@ def merge_into(model, base: dict, is_main: bool) -> None:
         with _zero.gathered(own):
             delta = module.get_delta_weight(adapter) if is_main else None
         if is_main:
-            key = base_key(model, f"{name}.base_layer.weight")
+            key = base_key(f"{name}.base_layer.weight")
             base[key] = (base[key].float() + delta.float().to(base[key].device)).to(base[key].dtype)
 
 

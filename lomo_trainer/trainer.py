@@ -546,8 +546,7 @@ class LOMOTrainer(Trainer):
                 "DeepSpeed's zero_to_fp32.py or set stage3_gather_16bit_weights_on_model_save, then resume")
         names = {n: n for n in params}  # name in the files -> parameter name
         if self.lora:  # the base weights under the plain model's names, the adapters in peft's folder
-            names = {(lora.adapter_key if lora.adapter_prefix(self.model) in n else lora.base_key)(self.model, n): n
-                     for n in params}
+            names = {lora.file_key(self.model, n): n for n in params}
             files += sorted(glob.glob(os.path.join(folder, lora.ADAPTER_FOLDER, "*.safetensors")))
         loaded = set()
         for path in files:
@@ -570,7 +569,7 @@ class LOMOTrainer(Trainer):
                                                  "older checkpoint-N folder") from None
         base = self.model.get_base_model() if self.lora else self.model
         missing = [n for n, p in params.items() if n not in loaded and
-                   not _hf.is_tied(base, lora.base_key(self.model, n) if self.lora else n)]
+                   not _hf.is_tied(base, lora.base_key(n) if self.lora else n)]
         if missing:
             raise checkpoint.CheckpointError(f"{folder} lacks weights for {missing[:3]}: it belongs to another model")
 
