@@ -636,6 +636,11 @@ class LOMO(torch.optim.Optimizer):
                               "): it starts afresh from the current adapter weights")
 
     @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the gradient buffer (accumulate=True; allocated at the first micro-step), 0 without one."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    @property
     def loss_scale(self) -> float | None:
         return self.loss_scaler.scale if self.loss_scaler is not None else None
 

@@ -61,6 +61,11 @@ def test_breakdown_reflects_each_optimizer(report):
     # the largest gradient seen by the hook is the largest parameter (the 1600 x 64 embedding, bf16)
     assert rows["lomo"]["raw"]["grad_in_flight_measured"] == 1600 * 64 * 2
     assert all(r["planner_mib"] > 0 for r in rows.values())
+    # lomo_accum holds an fp32 buffer of every (here: whole) parameter between steps: counted in grads (and so in the
+    # held tensors under the CPU peak; the tiny model's RSS growth is too noisy to assert the peak itself)
+    fp32_params = 4 * data_n_params(report[1])
+    assert rows["lomo_accum"]["raw"]["optimizer"]["lomo_buffer"] == fp32_params
+    assert rows["lomo_accum"]["grads_mib"] == pytest.approx(rows["lomo"]["grads_mib"] + fp32_params / 2**20, rel=1e-6)
 
 
 def test_bad_mode_is_named():

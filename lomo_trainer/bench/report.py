@@ -20,14 +20,15 @@ def _summarise(mode: str, ranks: list[dict], cfg: dict, pred: dict) -> dict:
         bucket = min(bucket, _full_grad_bytes(cfg))
     params = pb["param_shards"] + pb["persistent_params"]
     in_flight = worst["grad_in_flight_measured"] or (pb["largest_param"] if mode in ("adamw", "sgd") else 0)
-    grads = ob["grad_partitions"] + ob["fp32_grads"] + bucket + in_flight
+    buffers = ob["grad_partitions"] + ob["fp32_grads"] + ob.get("lomo_buffer", 0)  # held between steps
+    grads = buffers + bucket + in_flight
     opt = ob["master"] + ob["states"]
     peak = worst["peak"]
     if cfg["device"] == "cpu":
         # RSS also holds allocator slack and framework memory that no GPU allocator statistic would count.
         # Tensor peak = the tensors alive between steps (measured sizes) + the growth of RSS within the timed
         # steps, less library code paged in meanwhile: the CPU stand-in for max_memory_allocated.
-        held = params + ob["grad_partitions"] + ob["fp32_grads"] + bucket + opt
+        held = params + buffers + bucket + opt
         peak = held + max(0, worst["peak"] - worst["resident_at_reset"] - worst["file_backed_growth"])
     step_s = max(r["median_step_s"] for r in ranks)
     tokens = cfg["batch"] * cfg["seq_len"]

@@ -41,7 +41,11 @@ def _fused(kind: str, overlap: bool, accumulate: bool = False):
 
         opt = {"lomo": LOMO, "adalomo": AdaLomo}[kind](engine, lr=cfg["lr"], clip_grad_norm=None, overlap_comm=overlap,
                                                        accumulate=accumulate)
-        return lambda x: opt.step(lambda: _loss(engine, x))
+
+        def step(x):
+            return opt.step(lambda: _loss(engine, x))
+        step.optimizer = opt  # its gradient buffer is counted among the held tensors
+        return step
     return make
 
 
@@ -242,6 +246,8 @@ def _run(mode, cfg, rank, device, meter, baseline) -> dict:
     peak = meter.peak()
     pb = _zero.parameter_bytes(module)
     ob = _zero.optimizer_bytes(engine)
+    fused = getattr(mode_step, "optimizer", None)
+    ob["lomo_buffer"] = fused.buffer_bytes if fused is not None else 0  # LOMO's shard-sized gradient buffer
     timed = times[cfg["warmup"]:] or times
     return {"mode": mode, "rank": rank, "status": "ok", "baseline": baseline,
             "peak": peak["peak"] - baseline, "peak_reserved": peak["peak_reserved"],
