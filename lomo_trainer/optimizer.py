@@ -557,14 +557,11 @@ class LOMO(torch.optim.Optimizer):
         ``w``'s dtype (an fp16 value above 65504 is not); otherwise ``w`` is left as it was and the update
         flag counts the slice. Decided on the device: no host sync."""
         new = w.float()
-        if new is w:  # fp32: out of place, so a non-finite result can be discarded (one pass, not clone + add)
-            new = torch.mul(w, 1.0 - lr * wd) if wd else torch.add(w, g, alpha=-lr * self._clip_coef)
-            if wd:
-                new.add_(g, alpha=-lr * self._clip_coef)
-        else:
-            if wd:
-                new.mul_(1.0 - lr * wd)
-            new.add_(g, alpha=-lr * self._clip_coef)
+        if new is w:
+            new = w.clone()  # out of place, so a non-finite result can be discarded
+        if wd:
+            new.mul_(1.0 - lr * wd)
+        new.add_(g, alpha=-lr * self._clip_coef)
         self._write(w, new)
 
     def _write(self, w: torch.Tensor, new: torch.Tensor, ok: torch.Tensor | None = None) -> None:
@@ -581,7 +578,7 @@ class LOMO(torch.optim.Optimizer):
         finite = torch.isfinite(new).all()
         ok = finite if ok is None else finite & ok
         self._update_flag(w.device).add_(~ok)
-        torch.where(ok, new, w, out=w)  # element-wise in place: one pass instead of where + copy
+        w.copy_(torch.where(ok, new, w, out=new))
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
