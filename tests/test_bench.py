@@ -28,6 +28,7 @@ def test_writes_md_json_png_with_all_modes(report):
         assert f"| {mode} |" in md
         assert data["rows"][mode]["status"] == "ok"
     assert "Command: `python -m lomo_trainer.bench" in md
+    assert "No warm-up" not in md
 
 
 def test_ratios_recomputed_from_json(report):
@@ -198,7 +199,9 @@ def test_repeat_interleaves_rounds_and_reports_median_and_spread(tmp_path):
         assert r["min"] == min(want) and r["max"] == max(want)
     for r in rows.values():
         assert r["step_s"] == pytest.approx(statistics.median(r["step_s_rounds"]))
-    assert "| lomo/fwd_bwd_comm |" in (tmp_path / "bench.md").read_text()
+    md = (tmp_path / "bench.md").read_text()
+    assert "| lomo/fwd_bwd_comm |" in md
+    assert "No warm-up: the timed steps include the first" in md  # its peak is below the steady state's
 
 
 def test_modes_the_planner_says_do_not_fit_are_not_run(tmp_path):
