@@ -647,6 +647,13 @@ class LOMO(torch.optim.Optimizer):
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
     @property
+    def state_bytes(self) -> int:
+        """Bytes of the per-parameter optimizer state (AdaLomo's factored second moments and step counts; SGD has
+        none). The adapters' optimizer is not counted."""
+        return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor))
+
+    @property
     def loss_scale(self) -> float | None:
         return self.loss_scaler.scale if self.loss_scaler is not None else None
 

@@ -5,6 +5,7 @@ Speed is never asserted: the figures only have to be present, self-consistent an
 import json
 
 import pytest
+import torch
 
 from lomo_trainer.bench import run as bench
 from lomo_trainer.bench.worker import MODES
@@ -67,6 +68,17 @@ def test_breakdown_reflects_each_optimizer(report):
     fp32_params = 4 * data_n_params(report[1])
     assert rows["lomo_accum"]["raw"]["optimizer"]["lomo_buffer"] == fp32_params
     assert rows["lomo_accum"]["grads_mib"] == pytest.approx(rows["lomo"]["grads_mib"] + fp32_params / 2**20, rel=1e-6)
+    # AdaLomo's state, from the shapes: fp32 row and column sums of every matrix, fp32 V of every vector, and a
+    # step count each; held between steps, so counted in the optimizer states (and the CPU peak's held tensors)
+    from transformers import LlamaForCausalLM
+
+    from lomo_trainer.bench.llama_shapes import PRESETS
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(PRESETS["tiny"].to_hf_config())
+    want = sum(4 * (sum(p.shape) if p.dim() == 2 else p.numel()) + 4 for p in model.parameters())
+    assert rows["adalomo"]["raw"]["optimizer"]["lomo_states"] == want
+    assert rows["adalomo"]["optimizer_states_mib"] == pytest.approx(want / 2**20)
 
 
 def test_bad_mode_is_named():

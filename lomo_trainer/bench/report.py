@@ -22,7 +22,7 @@ def _summarise(mode: str, ranks: list[dict], cfg: dict, pred: dict) -> dict:
     in_flight = worst["grad_in_flight_measured"] or (pb["largest_param"] if mode in ("adamw", "sgd") else 0)
     buffers = ob["grad_partitions"] + ob["fp32_grads"] + ob.get("lomo_buffer", 0)  # held between steps
     grads = buffers + bucket + in_flight
-    opt = ob["master"] + ob["states"]
+    opt = ob["master"] + ob["states"] + ob.get("lomo_states", 0)
     peak = worst["peak"]
     if cfg["device"] == "cpu":
         # RSS also holds allocator slack and framework memory that no GPU allocator statistic would count.

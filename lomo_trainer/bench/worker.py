@@ -248,6 +248,7 @@ def _run(mode, cfg, rank, device, meter, baseline) -> dict:
     ob = _zero.optimizer_bytes(engine)
     fused = getattr(mode_step, "optimizer", None)
     ob["lomo_buffer"] = fused.buffer_bytes if fused is not None else 0  # LOMO's shard-sized gradient buffer
+    ob["lomo_states"] = fused.state_bytes if fused is not None else 0  # AdaLomo's factors (allocated in warm-up)
     timed = times[cfg["warmup"]:] or times
     return {"mode": mode, "rank": rank, "status": "ok", "baseline": baseline,
             "peak": peak["peak"] - baseline, "peak_reserved": peak["peak_reserved"],
