@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from . import _zero
-from .optimizer import LOMO, _chunks, _to_weight_device
+from .optimizer import LOMO, _chunks, _to_weight_device, all_finite
 
 
 class AdaLomo(LOMO):
@@ -112,14 +112,14 @@ class AdaLomo(LOMO):
             col = state["col"] * beta2 + (1 - beta2) * (g2_cols / lay.r + eps1)
             factors = lay.factors(row, col)
             new_state = {"row": row, "col": col}
-            bad = (~torch.isfinite(stats)).sum().float()
+            bad = (~all_finite(stats)).float()
         else:
             v = state["v"] * beta2
             for gc, _, _, k in _spans(g, w, start):
                 gc = self._clipped(gc, coef)
                 v[k:k + gc.numel()].add_((gc.square() + eps1) * (1 - beta2))
             new_state = {"v": v}
-            bad = (~torch.isfinite(v)).sum().float()
+            bad = (~all_finite(v)).float()
 
         def update(gc, offset, k):
             gc = self._clipped(gc, coef)

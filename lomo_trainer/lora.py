@@ -25,6 +25,7 @@ from torch import nn
 
 from . import _zero
 from .config import ConfigError
+from .optimizer import all_finite
 
 # LoraConfig fields LOMO+LoRA supports: plain LoRA layers, whose merged weight is base + peft's delta weight
 LORA_FIELDS = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "bias",
@@ -221,7 +222,7 @@ class AdapterOptimizer:
         """Non-finite gradients among this step's (a device tensor: no host sync)."""
         bad = torch.zeros((), device=device)
         for p in self.ready:
-            bad += (~torch.isfinite(self.masters[p].grad)).any().float().to(device)
+            bad += (~all_finite(self.masters[p].grad)).float().to(device)
         return bad
 
     def step(self, lr: float, write) -> None:

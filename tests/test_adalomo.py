@@ -233,21 +233,25 @@ def test_plain_module_matches_reference_and_update_pass_overflow_keeps_state():
         opt.step(lambda: live(input_ids=b, labels=b).loss)
     assert_close({n: p.detach().double() for n, p in live.named_parameters()}, ref, init)
 
-    # the update pass (not the norm pass) gives `temp` an infinite gradient: it and its state stay as they were
-    state = {k: v.clone() for k, v in opt.state[live.temp].items()}
-    weight = live.temp.detach().clone()
-    calls = []
+    # the update pass (not the norm pass) gives one parameter an infinite gradient (1e39 overflows fp32), or a finite
+    # one whose square overflows (1e25: the update g / sqrt(inf) is a finite 0, the second moment is not), through
+    # V (`temp`) and through the row/column factors (`tiny`): the parameter and its state stay as they were
+    for overflows, (name, scale) in enumerate([("temp", 1e39), ("temp", 1e25), ("tiny", 1e25)], start=1):
+        p = getattr(live, name)
+        state = {k: v.clone() for k, v in opt.state[p].items()}
+        weight = p.detach().clone()
+        calls = []
 
-    def closure():
-        calls.append(1)
-        loss = live(input_ids=b, labels=b).loss
-        return loss + (1e39 * live.temp.sum() if len(calls) == 2 else 0)
+        def closure():
+            calls.append(1)
+            loss = live(input_ids=b, labels=b).loss
+            return loss + (scale * p.sum() if len(calls) == 2 else 0)
 
-    opt.step(closure)
-    assert torch.equal(live.temp, weight) and all(torch.equal(opt.state[live.temp][k], v) for k, v in state.items())
-    assert not torch.equal(opt.state[live.gate]["v"], torch.zeros(5)), "the other parameters still update"
-    opt.step(closure)
-    assert opt.update_overflows == 1
+        opt.step(closure)
+        assert torch.equal(p, weight) and all(torch.equal(opt.state[p][k], v) for k, v in state.items()), name
+        assert not torch.equal(opt.state[live.gate]["v"], torch.zeros(5)), "the other parameters still update"
+        opt.step(closure)
+        assert opt.update_overflows == overflows
 
 
 def train_resume(rank, world, split, steps=4):

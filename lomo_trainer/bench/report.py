@@ -121,7 +121,7 @@ def markdown(report: dict) -> str:
     if cfg["warmup"] == 0:
         head += (" No warm-up: the timed steps include the first, in which ZeRO-3 records its parameter trace; it "
                  "prefetches and keeps parameters gathered only from the second step on, so a later step's peak can "
-                 "be higher (7B, 2 ranks: 7432 MiB on the first step, 9095 MiB after one warm-up step).")
+                 "be higher (docs/benchmarks.md, \"7B on CPU\").")
     cols = ["mode", "peak MiB", "RSS MiB" if cfg["device"] == "cpu" else "reserved+context MiB", "params", "grads", "opt states", "activations*", "step s",
             "tok/s/dev", "peak/floor", "peak/adamw", "time/floor", "tok/s vs adamw", "planner MiB", "planner err"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
