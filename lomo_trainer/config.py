@@ -557,8 +557,8 @@ def engine_config(ds_config: dict, args, world_size: int, model=None) -> dict:
             if "auto_cast" in block:
                 cfg[key]["auto_cast"] = block["auto_cast"]
     zero = cfg.setdefault("zero_optimization", {})
-    if model is not None:  # "auto" gathering limits: per-rank memory that falls with the GPU count (bench/gathering.py)
-        from .bench.gathering import device_memory_bytes, fill_auto, model_numels
+    if model is not None:  # "auto" gathering limits: per-rank memory that falls with the GPU count (gathering.py)
+        from .gathering import device_memory_bytes, fill_auto, model_numels
 
         d = 2 if any((cfg.get(k) or {}).get("enabled") for k in ("fp16", "bf16")) else 4
         zero.update(fill_auto(zero, model_numels(model), world_size, d, device_memory_bytes()))

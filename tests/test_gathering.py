@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lomo_trainer.bench.gathering import KEYS, auto_gathering, fill_auto, model_numels
+from lomo_trainer.gathering import KEYS, auto_gathering, fill_auto, model_numels
 from lomo_trainer.bench.llama_shapes import PRESETS
 from lomo_trainer.bench.planner import Setup, ZeroKnobs, breakdown, main
 

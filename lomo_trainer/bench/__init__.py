@@ -2,8 +2,8 @@
 
 - ``run``        ``python -m lomo_trainer.bench``: every mode in fresh processes, side by side, with the planner
 - ``worker``     one mode on one rank (the mode table), ``report`` its figures, ``memstat`` peak memory
-- ``planner``    per-GPU peaks term by term (``python -m lomo_trainer.planner``), torch-free; ``gathering`` picks
-                 ZeRO-3's gathering limits ("auto")
+- ``planner``    per-GPU peaks term by term (``python -m lomo_trainer.planner``), torch-free; ZeRO-3's "auto"
+                 gathering limits come from the core (``lomo_trainer.gathering``)
 - ``llama_shapes`` the model shapes both share; ``gather_probe`` what ZeRO-3 keeps gathered (measured)
 
 Nothing here imports torch at package import: the planner must stay arithmetic.

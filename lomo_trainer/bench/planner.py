@@ -52,7 +52,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, field
 
-from .gathering import fill_auto
+from ..gathering import fill_auto
 from .llama_shapes import LlamaShape, ceil_div, from_hf_config, gib, load_shape
 
 # LOMO's update runs in slices of this many elements (optimizer.UPDATE_CHUNK; a test keeps them equal). Not
@@ -312,7 +312,7 @@ def main(argv=None) -> None:
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--offload-param", action="store_true")
     ap.add_argument("--ds-config", help="a DeepSpeed JSON whose zero_optimization knobs size ZeRO-3's buffers "
-                    "(\"auto\" gathering limits: filled as LOMOTrainer fills them, bench/gathering.py; other "
+                    "(\"auto\" gathering limits: filled as LOMOTrainer fills them, gathering.py; other "
                     "\"auto\" and missing keys: DeepSpeed's defaults)")
     ap.add_argument("--json", action="store_true", help="print the breakdown as JSON instead")
     args = ap.parse_args(argv)

@@ -17,8 +17,8 @@ import statistics
 import sys
 
 from . import report as bench_report
-from .gathering import KEYS as GATHERING_KEYS
-from .gathering import fill_auto
+from ..gathering import KEYS as GATHERING_KEYS
+from ..gathering import fill_auto
 from .llama_shapes import PRESETS, LlamaShape, load_shape
 from .planner import DTYPE_BYTES, Setup, ZeroKnobs, breakdown
 from .worker import MODES
@@ -147,7 +147,7 @@ def parse_args(argv=None):
                     "order rotated each round; step time = median over rounds, ratios with their spread")
     ap.add_argument("--zero", default="{}", help="zero_optimization overrides as JSON; \"auto\" for "
                     "stage3_max_live_parameters / stage3_max_reuse_distance / stage3_prefetch_bucket_size fills "
-                    "them as LOMOTrainer does (bench/gathering.py)")
+                    "them as LOMOTrainer does (gathering.py)")
     ap.add_argument("--auto-gathering", action="store_true", help="shorthand: the three gathering limits \"auto\"")
     ap.add_argument("--run-unfit", action="store_true", help="also run modes the planner says do not fit")
     ap.add_argument("--out", default="runs/bench")
