@@ -22,7 +22,7 @@ import shutil
 
 import torch
 
-from .config import ConfigError
+from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +32,6 @@ SCHEDULER = "scheduler.pt"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "lomo_manifest.json"
 HASH_LIMIT = 256 * 2**20  # larger files (the weights) are checked by size: hashing 13 GB per save costs too much
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be resumed from: the message names the file and what to do."""
 
 
 def list_checkpoints(output_dir: str) -> list[str]:

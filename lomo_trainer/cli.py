@@ -19,7 +19,8 @@ import warnings
 from dataclasses import dataclass, field
 
 from . import _hf
-from .config import ConfigError, LOMOArguments, load_json, validate
+from .config import LOMOArguments, load_json, validate
+from .errors import ConfigError
 
 logger = logging.getLogger("lomo_trainer")
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -278,7 +279,8 @@ def _train(run: RunArguments, targs_kwargs: dict, lomo: LOMOArguments) -> int:
     from transformers import AutoTokenizer, TrainingArguments, set_seed
 
     from .data import CausalLMCollator, build_datasets
-    from .trainer import LOMOTrainer, TrainingDiverged
+    from .errors import TrainingDiverged
+    from .trainer import LOMOTrainer
 
     _single_process_env()
     args = TrainingArguments(**targs_kwargs)  # before the model: keeps DeepSpeed's zero.Init config alive

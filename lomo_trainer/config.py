@@ -34,6 +34,8 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
+from .errors import ConfigError
+
 # optimizer.params keys that restate a TrainingArguments field: "auto" or the same value
 RESTATED = {"lr": "learning_rate", "weight_decay": "weight_decay", "clip_grad_norm": "max_grad_norm", "seed": "seed"}
 OPTIMIZER_FIELDS = ("clip_grad_value", "clip_mode", "stochastic_rounding", "accumulation_dtype")  # LOMOArguments fields of optimizer.params
@@ -56,10 +58,6 @@ SCHEDULER_PARAMS = {
     "WarmupCosineLR": {"warmup_min_ratio", "warmup_num_steps", "warmup_type", "total_num_steps", "cos_min_ratio",
                        "last_batch_iteration"},
 }
-
-
-class ConfigError(ValueError):
-    """A bad or contradictory configuration: the message names the key(s) and the fix."""
 
 
 def load_json(path_or_dict, what: str = "DeepSpeed config") -> dict:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 IGNORE_INDEX = -100
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import _zero
-from .config import ConfigError
+from .errors import ConfigError
 from .optimizer import all_finite
 
 # LoraConfig fields LOMO+LoRA supports: plain LoRA layers, whose merged weight is base + peft's delta weight

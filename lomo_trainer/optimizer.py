@@ -178,8 +178,10 @@ class LOMO(torch.optim.Optimizer):
         self.update_overflows = 0   # of those, update passes found (one step late) to have left slices unwritten
         self._update_flags: dict[torch.device, torch.Tensor] = {}  # unwritten update slices, by weight device
         self._carried_update_flags = 0  # from a loaded state, not yet reported
-        self._stop_local = False    # request_stop() on this rank, not yet shared
-        self.stop_requested = False  # some rank asked to stop, as agreed at a step's sync
+        # Flags a caller raises on one rank and every rank must see together (the trainer's SIGTERM): shared at the
+        # step's one sync, no collective of their own. Keys are added on every rank in the same order.
+        self.shared_flags: dict[str, bool] = {}   # raised on this rank, not yet shared
+        self.agreed_flags: dict[str, bool] = {}   # raised on some rank, as agreed at the last sync (sticky)
         self._phase: str | None = None
         self._norm_sq: torch.Tensor | None = None
         self._clip_coef = 1.0
@@ -348,12 +350,15 @@ class LOMO(torch.optim.Optimizer):
         dev = loss.device
         if norm_sq is None or (self.engine is None and self._rank != 0):
             norm_sq = torch.zeros((), device=dev)  # replicas of a plain module hold the same norm: count it once
-        vec = torch.stack([norm_sq.float(), (~torch.isfinite(loss.detach())).float(), self._take_update_flags(dev),
-                           torch.full((), float(self._stop_local), device=dev)])
+        flags = [float(v) for v in self.shared_flags.values()]
+        vec = torch.cat([torch.stack([norm_sq.float(), (~torch.isfinite(loss.detach())).float(),
+                                      self._take_update_flags(dev)]),
+                         torch.tensor(flags, dtype=torch.float32).to(dev)])
         if self._world > 1:
             dist.all_reduce(vec)
-        norm_sq, bad_losses, unwritten, stops = vec.tolist()  # the one host sync of a step
-        self.stop_requested = self.stop_requested or stops > 0
+        norm_sq, bad_losses, unwritten, *raised = vec.tolist()  # the one host sync of a step
+        for name, count in zip(list(self.shared_flags), raised):
+            self.agreed_flags[name] = self.agreed_flags.get(name, False) or count > 0
         if unwritten:  # the previous step's update pass overflowed somewhere: count it, lower the scale
             self.update_overflows += 1
             self.skipped_steps += 1
@@ -362,11 +367,6 @@ class LOMO(torch.optim.Optimizer):
         if bad_losses or not math.isfinite(norm_sq):
             return None
         return norm_sq
-
-    def request_stop(self) -> None:
-        """Ask every rank to stop (e.g. on SIGTERM): shared at the next step's sync, no collective of its own;
-        every rank then sees ``stop_requested`` after the same step."""
-        self._stop_local = True
 
     def _skip(self, loss: torch.Tensor) -> torch.Tensor:
         self.last_step_skipped = True

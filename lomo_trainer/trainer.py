@@ -30,7 +30,8 @@ from transformers.trainer_utils import SaveStrategy, TrainOutput, speed_metrics
 
 from . import _hf, _zero, checkpoint, lora
 from .checkpoint import LOMO_STATE, PREFIX as CKPT_PREFIX, SCHEDULER, TRAINER_STATE, last_checkpoint  # noqa: F401
-from .config import ConfigError, LOMOArguments, engine_config, load_json, validate
+from .config import LOMOArguments, engine_config, load_json, validate
+from .errors import ConfigError, TrainingDiverged
 from .optimizer import LOMO, all_finite
 from .schedulers import deepspeed_scheduler
 
@@ -40,10 +41,6 @@ try:  # on a CPU-only machine DeepSpeed would compile an inference-only op at st
     _zero.disable_cpu_shm_build()
 except ImportError:
     pass
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient, or non-finite weights about to be saved."""
 
 
 def _rank() -> int:
@@ -183,6 +180,7 @@ class LOMOTrainer(Trainer):
         if self.lomo_settings.check_memory:
             self._check_memory(train_dl)
         model = self._setup_lomo(max_steps)
+        self.optimizer.shared_flags["stop"] = False  # SIGTERM on any rank (every rank adds it: one slot each)
 
         self.state = TrainerState(stateful_callbacks=[cb for cb in self.callback_handler.callbacks + [self.control]
                                                       if hasattr(cb, "state") and callable(cb.state)])
@@ -249,7 +247,7 @@ class LOMOTrainer(Trainer):
                     self.state.global_step += 1
                     self.state.epoch = epoch + (i + 1) / steps_per_epoch
                     self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-                    if self.optimizer.stop_requested:  # any rank's SIGTERM, agreed at the step's one sync
+                    if self.optimizer.agreed_flags.get("stop"):  # any rank's SIGTERM, agreed at the step's one sync
                         self.control.should_save = self.control.should_training_stop = True
                     self._log_evaluate_save()
                     if self.control.should_epoch_stop or self.control.should_training_stop:
@@ -261,7 +259,7 @@ class LOMOTrainer(Trainer):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-        if self.optimizer.stop_requested:
+        if self.optimizer.agreed_flags.get("stop"):
             logger.warning(f"SIGTERM: saved {CKPT_PREFIX}{self.state.global_step}, exiting")
             raise SystemExit(128 + signal.SIGTERM)
 
@@ -344,7 +342,7 @@ class LOMOTrainer(Trainer):
                 + (f"then resume from {last}" if last else "then start again"))
 
     def _on_sigterm(self, signum, frame):
-        self.optimizer.request_stop()  # installed once the optimizer exists; shared at the next step's sync
+        self.optimizer.shared_flags["stop"] = True  # installed once the optimizer exists; shared at the next step's sync
 
     def _log_evaluate_save(self) -> None:
         """As the stock Trainer's log/evaluate/save: the best metric is tracked, ``save_strategy="best"`` saves

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lomo_trainer.cli import main, parse
-from lomo_trainer.config import ConfigError, LOMOArguments, engine_config, load_json, validate
+from lomo_trainer.errors import ConfigError
+from lomo_trainer.config import LOMOArguments, engine_config, load_json, validate
 from lomo_trainer.schedulers import deepspeed_scheduler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -277,7 +277,7 @@ def test_shipped_assets_tokenise(tok):
 # ------------------------------------------------------------------ bad data: one line naming the file, line or row
 from types import SimpleNamespace  # noqa: E402
 
-from lomo_trainer.config import ConfigError  # noqa: E402
+from lomo_trainer.errors import ConfigError  # noqa: E402
 from lomo_trainer.data import precheck_data  # noqa: E402
 
 GOOD = [{"prompt": f"review: good {i}", "completion": " positive"} for i in range(300)]

@@ -94,7 +94,7 @@ def test_broken_latest_checkpoint_falls_back_to_the_previous(tmp_path, trained, 
         assert resolve(True, out) == os.path.join(out, "checkpoint-2")
     assert any(name in r.getMessage() and "skipping a broken checkpoint" in r.getMessage() for r in caplog.records)
     # the broken one named explicitly: one line, naming the file
-    from lomo_trainer.checkpoint import CheckpointError
+    from lomo_trainer.errors import CheckpointError
     with pytest.raises(CheckpointError) as err:
         resolve(ckpt, out)
     assert "\n" not in str(err.value) and f"{name}" in str(err.value) and "older checkpoint" in str(err.value)
@@ -151,7 +151,7 @@ def test_stock_trainer_checkpoint_resumes_weights_and_step(tmp_path):
 
 
 def deepspeed_only_checkpoint(rank, world, out):
-    from lomo_trainer.checkpoint import CheckpointError
+    from lomo_trainer.errors import CheckpointError
 
     folder = os.path.join(out, "checkpoint-9")
     os.makedirs(os.path.join(folder, "global_step9"))
@@ -166,7 +166,7 @@ def test_deepspeed_only_checkpoint_is_named(tmp_path):
 
 
 def diverge(rank, world, out, clip):
-    from lomo_trainer.trainer import TrainingDiverged
+    from lomo_trainer.errors import TrainingDiverged
 
     trainer = make_trainer(_args(out, ds_config(clip), learning_rate=1e30, max_grad_norm=clip, max_steps=20,
                                  save_strategy="steps", save_steps=1))
@@ -189,7 +189,7 @@ def test_divergence_stops_the_run_and_saves_nothing_non_finite(tmp_path, clip):
 
 
 def nan_loss_from_step(rank, world, out, clip, bad_from):
-    from lomo_trainer.trainer import TrainingDiverged
+    from lomo_trainer.errors import TrainingDiverged
 
     trainer = make_trainer(_args(out, ds_config(clip), max_grad_norm=clip, max_steps=20))
     compute_loss = trainer.compute_loss
@@ -216,7 +216,7 @@ def test_non_finite_loss_is_skipped_counted_and_stops_the_run(tmp_path, clip):
 
 
 def save_nan(rank, world, out):
-    from lomo_trainer.trainer import TrainingDiverged
+    from lomo_trainer.errors import TrainingDiverged
 
     trainer = make_trainer(_args(out, ds_config(), max_steps=1))
     trainer.train()

@@ -12,7 +12,7 @@ import torch
 from distributed import run_ranks
 from lomo_trainer import LOMO
 from lomo_trainer.adalomo import AdaLomo
-from lomo_trainer.config import ConfigError
+from lomo_trainer.errors import ConfigError
 from lomo_trainer.lora import adapter_parameters, check_block, prepare_model
 from models import VOCAB, batch, tiny_llama
 
