@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 # Imported on first use: the planner (``python -m lomo_trainer.planner``) is arithmetic and must not pay for torch,
 # and the trainer pulls in transformers.
-_LAZY = {"LOMO": ".optimizer", "AdaLomo": ".adalomo", "DynamicLossScaler": ".loss_scaler", "LOMOArguments": ".config",
+_LAZY = {"LOMO": ".optim", "AdaLomo": ".optim", "DynamicLossScaler": ".loss_scaler", "LOMOArguments": ".config",
          "LOMOTrainer": ".trainer"}
 
 

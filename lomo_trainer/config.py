@@ -357,8 +357,7 @@ class LOMOSettings:
         return {**kwargs, **self.adalomo} if self.optimizer == "adalomo" else kwargs
 
     def optimizer_class(self):
-        from .adalomo import AdaLomo
-        from .optimizer import LOMO
+        from .optim import LOMO, AdaLomo
 
         return AdaLomo if self.optimizer == "adalomo" else LOMO
 

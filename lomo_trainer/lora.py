@@ -1,11 +1,8 @@
-"""LOMO + LoRA: LOMO's fused update on the base weights, a torch optimizer on peft's LoRA adapters, one backward.
+"""LOMO + LoRA: peft's LoRA model around a model whose base weights LOMO trains, its config, saving and merging.
 
-The base weights (frozen in a LoRA run, trainable here) take LOMO's update in their hooks, as always. The adapter
-weights go through the same hooks: their gradients are averaged over the ranks (reduce-scattered to the rank's
-shard under ZeRO-3, all-reduced for a replicated module), unscaled, clipped with everything else (the global norm
-covers both sets), and kept; after backward ``AdapterOptimizer.step`` runs the configured torch optimizer (AdamW by
-default) on fp32 master copies of this rank's adapter shards and writes them back. The adapters' lr lives in
-LOMO's second parameter group, so the lr scheduler drives both lrs.
+The base weights (frozen in a LoRA run, trainable here) take LOMO's update; the adapters take a torch optimizer's,
+after the same backward (``optim/adapters.py``). The adapters' lr lives in LOMO's second parameter group, so the lr
+scheduler drives both lrs.
 
 Configuration: a ``lora`` block (DeepSpeed JSON top level, run config, or ``LOMOTrainer(lomo_args={"lora": ...})``)::
 
@@ -18,14 +15,12 @@ update is element-wise (the adapters are sharded flat under ZeRO-3), with torch'
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import torch
 from torch import nn
 
 from . import _zero
 from .errors import ConfigError
-from .optimizer import all_finite
 
 # LoraConfig fields LOMO+LoRA supports: plain LoRA layers, whose merged weight is base + peft's delta weight
 LORA_FIELDS = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "bias",
@@ -184,77 +179,6 @@ def save_adapter(model, folder: str, adapters: dict) -> None:
     adapter = _adapter_name(model)
     full = {n: adapters[adapter_key(model, n)] for n, _ in model.named_parameters() if adapter_key(model, n) in adapters}
     model.save_pretrained(folder, state_dict=full, safe_serialization=True, selected_adapters=[adapter])
-
-
-# ---------------------------------------------------------------- the adapters' optimizer
-class AdapterOptimizer:
-    """A torch optimizer over fp32 master copies of this rank's adapter shards, stepped by LOMO after backward.
-
-    ``grad_of(p)`` is where LOMO leaves ``p``'s averaged, unscaled, clipped shard gradient; ``step(lr)`` runs the
-    optimizer on the parameters that got one and writes the masters back into the weights (rounded to their
-    dtype). State (masters, the optimizer's own) is per rank: tensors and numbers only."""
-
-    def __init__(self, spec: dict | None = None):
-        spec = check_optimizer(spec)
-        self.cls = getattr(torch.optim, spec["type"])
-        self.kwargs = dict(spec["params"])
-        default = inspect.signature(self.cls).parameters["lr"].default
-        self.lr = float(self.kwargs.pop("lr", default))
-        self.params: list[nn.Parameter] = []
-        self.masters: dict[nn.Parameter, nn.Parameter] = {}
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.ready: dict[nn.Parameter, None] = {}  # parameters with a gradient this step (ordered)
-
-    def build(self, params) -> None:
-        """Masters from the current shards (after DeepSpeed partitioned them)."""
-        self.params = list(params)
-        self.masters = {p: nn.Parameter(_zero.local_weight(p).detach().float().clone()) for p in self.params}
-        self.optimizer = self.cls(list(self.masters.values()), lr=self.lr, **self.kwargs)
-
-    def grad_of(self, p: nn.Parameter) -> torch.Tensor:
-        m = self.masters[p]
-        if m.grad is None:
-            m.grad = torch.zeros_like(m)
-        self.ready[p] = None
-        return m.grad
-
-    def bad_count(self, device) -> torch.Tensor:
-        """Non-finite gradients among this step's (a device tensor: no host sync)."""
-        bad = torch.zeros((), device=device)
-        for p in self.ready:
-            bad += (~all_finite(self.masters[p].grad)).float().to(device)
-        return bad
-
-    def step(self, lr: float, write) -> None:
-        """Step the masters that got a gradient and write each into its weight through ``write(w, new)``."""
-        for p in self.params:
-            if p not in self.ready:
-                self.masters[p].grad = None  # untouched this step: the optimizer skips it, as torch does
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        for p in self.ready:
-            write(_zero.local_weight(p), self.masters[p].detach().clone())
-        self.discard()
-
-    def discard(self) -> None:
-        self.ready.clear()
-
-    def state_dict(self) -> dict:
-        return {"masters": [self.masters[p].detach().clone() for p in self.params],
-                "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> bool:
-        """False (nothing loaded) when the saved shards have other shapes (another world size)."""
-        masters = state["masters"]
-        if len(masters) != len(self.params) or any(m.shape != self.masters[p].shape
-                                                  for m, p in zip(masters, self.params)):
-            return False
-        with torch.no_grad():
-            for m, p in zip(masters, self.params):
-                self.masters[p].copy_(m)
-        self.optimizer.load_state_dict(state["optimizer"])
-        return True
 
 
 def describe(model) -> str:

@@ -32,7 +32,7 @@ from . import _hf, _zero, checkpoint, lora
 from .checkpoint import LOMO_STATE, PREFIX as CKPT_PREFIX, SCHEDULER, TRAINER_STATE, last_checkpoint  # noqa: F401
 from .config import LOMOArguments, engine_config, load_json, validate
 from .errors import ConfigError, TrainingDiverged
-from .optimizer import LOMO, all_finite
+from .optim import LOMO, all_finite
 from .schedulers import deepspeed_scheduler
 
 logger = logging.getLogger(__name__)

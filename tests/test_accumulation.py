@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from distributed import run_ranks
 from lomo_trainer import LOMO
-from lomo_trainer.adalomo import AdaLomo
+from lomo_trainer.optim import AdaLomo
 from models import VOCAB, allow_cpu_fp16, tiny_llama
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
@@ -101,17 +101,23 @@ def train(rank, world, rule, opts, steps=2, k=K, dtype=None, poison=None, fp16=N
     """``steps`` steps of ``k`` micro-steps; returns the gathered weights and a per-step log."""
     if dtype == "fp16":
         allow_cpu_fp16()
+    from lomo_trainer.optim.sinks import GradientBuffer
+
     if sabotage == "keep_buffer":  # mutation: the buffer is never cleared (forked rank: the parent is untouched)
-        LOMO._clear_buffers = lambda self: self._touched.clear()
+        GradientBuffer.clear = lambda self: self.touched.clear()
     if sabotage == "drop_last_add":  # mutation: the last micro-step's gradient never reaches the buffer
-        apply = LOMO._apply
+        apply = GradientBuffer.apply
+        micro = {"n": 0, "params": set()}
 
         def _apply(self, p, g, w, ctx):
-            if self._phase == "accumulate" and self._micro_count == k - 1:
+            if p in micro["params"]:  # a parameter seen again: the next micro-step began
+                micro["n"], micro["params"] = micro["n"] + 1, set()
+            micro["params"].add(p)
+            if micro["n"] % k == k - 1:
                 return
             return apply(self, p, g, w, ctx)
 
-        LOMO._apply = _apply
+        GradientBuffer.apply = _apply
     model = tiny_llama()
     cfg = dict(DS_CONFIG, **({dtype: {"enabled": True}} if dtype else {}))
     engine, *_ = deepspeed.initialize(model=model, config=cfg)
@@ -143,7 +149,7 @@ def train(rank, world, rule, opts, steps=2, k=K, dtype=None, poison=None, fp16=N
             opt.accumulate(lambda: closure(m))
         opt.step(lambda: closure(k - 1))
         after = snapshot()
-        buffers_zero = all(not b.any() for b in opt._buffers.values())
+        buffers_zero = all(not b.any() for b in opt._buffer.buffers.values())
         log.append(dict(skipped=opt.last_step_skipped, unchanged=all(torch.equal(before[n], after[n]) for n in before),
                         scale=opt.loss_scale, norm=opt.grad_norm, calls=calls[0], buffers_zero=buffers_zero,
                         micro_steps=opt.micro_steps))
@@ -265,7 +271,7 @@ def test_plain_module_bf16_buffer_halves_it_and_tracks_fp32():
         for i in (0, 2):
             opt.accumulate(lambda: live(x[i:i + 2].float()).pow(2).sum())
         opt.step(lambda: live(x[4:6].float()).pow(2).sum())
-        assert {b.dtype for b in opt._buffers.values()} == {dtype}
+        assert {b.dtype for b in opt._buffer.buffers.values()} == {dtype}
         runs[dtype] = {n: p.double() for n, p in live.named_parameters()}
     for name, p in ref.named_parameters():
         expected = dict(model.named_parameters())[name] - 0.1 * p.grad

@@ -12,7 +12,7 @@ from torch import nn
 
 from distributed import run_ranks
 from lomo_trainer import LOMO
-from lomo_trainer.adalomo import AdaLomo
+from lomo_trainer.optim import AdaLomo
 from models import VOCAB, OddLM, allow_cpu_fp16, batch, tiny_llama
 
 STEPS = 3
@@ -103,19 +103,21 @@ def assert_close(result, ref, init, rtol=2e-5):
 # ---------------------------------------------------------------- ZeRO-3 ranks
 def train_zero3(rank, world, kind, opts, steps=STEPS, dtype=None, chunk=None, break_stats=False, fp16=None):
     if chunk is not None:  # forked rank: the parent keeps the default
-        import lomo_trainer.optimizer
-        lomo_trainer.optimizer.UPDATE_CHUNK = chunk
+        import lomo_trainer.optim.tensors
+        lomo_trainer.optim.tensors.UPDATE_CHUNK = chunk
     if break_stats:  # mutation: the row/col (and sum theta^2) partial sums stay per rank, the rest is intact
-        prepare = AdaLomo._prepare
+        from lomo_trainer.optim import AdaLomoRule
 
-        def partial_only(self, p, g, w):
-            self._all_reduce = lambda p, t: None
+        prepare = AdaLomoRule.prepare
+
+        def partial_only(self, p, g, w, step):
+            step.all_reduce = lambda p, t: None
             try:
-                return prepare(self, p, g, w)
+                return prepare(self, p, g, w, step)
             finally:
-                del self._all_reduce
+                del step.all_reduce
 
-        AdaLomo._prepare = partial_only
+        AdaLomoRule.prepare = partial_only
     if fp16:
         allow_cpu_fp16()
     model, vocab = build(kind)

@@ -174,7 +174,7 @@ def test_train_batch_size_is_checked_at_start_up_when_the_launcher_set_world_siz
 def test_gradient_accumulation_buffers_and_deepspeed_sees_one_micro_step():
     """gas > 1 (TrainingArguments, the JSON "auto"): LOMO gets a buffer (fp32 unless told), DeepSpeed gets
     gradient_accumulation_steps 1 and one micro-step's train_batch_size (it never sees a gradient)."""
-    from lomo_trainer.optimizer import LOMO
+    from lomo_trainer.optim import LOMO
 
     cfg = {**ZERO3, "gradient_accumulation_steps": "auto", "train_batch_size": 16}
     s = validate(cfg, targs(gradient_accumulation_steps=4))
@@ -197,7 +197,7 @@ def test_gradient_accumulation_buffers_and_deepspeed_sees_one_micro_step():
 def test_fp16_flag_without_fp16_block_trains_in_fp16():
     """--fp16 true with a DeepSpeed JSON that has no fp16 block: the block counts as {"enabled": "auto"}, so
     DeepSpeed gets fp16 enabled and LOMO gets a loss scaler (it used to train in fp32, silently)."""
-    from lomo_trainer.optimizer import LOMO
+    from lomo_trainer.optim import LOMO
 
     settings = validate(ZERO3, targs(fp16=True))
     assert settings.fp16 and settings.fp16["initial_scale_power"] == 16
@@ -381,7 +381,7 @@ ADALOMO = {"zero_optimization": {"stage": 3},
 
 
 def test_adalomo_from_the_deepspeed_json_and_from_lomo_arguments():
-    from lomo_trainer.adalomo import AdaLomo
+    from lomo_trainer.optim import AdaLomo
 
     s = validate(ADALOMO, targs())
     assert s.optimizer == "adalomo" and s.optimizer_class() is AdaLomo

@@ -1,7 +1,11 @@
-"""The CPU-independent parts of lomo_trainer.gpu_check (the GPU run itself has not run yet)."""
+"""The CPU-independent parts of scripts/gpu_check.py (the GPU run itself has not run yet)."""
+import os
+import sys
+
 import pytest
 
-from lomo_trainer import gpu_check
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import gpu_check  # noqa: E402
 
 
 def test_modes_cover_the_matrix():

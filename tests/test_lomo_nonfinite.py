@@ -7,7 +7,7 @@ from torch import nn
 
 from distributed import run_ranks
 from lomo_trainer import LOMO
-from lomo_trainer.optimizer import all_finite
+from lomo_trainer.optim import all_finite
 from models import VOCAB, allow_cpu_fp16, batch, fp16_mlp, reference_sgd, tiny_llama
 
 

@@ -28,9 +28,9 @@ def build(kind: str, checkpointing: bool = False):
 
 def train_zero3(rank, world, kind, opts, checkpointing=False, via_engine=False, steps=STEPS, chunk=None, zero=None):
     if chunk is not None:  # forked rank: the parent keeps the default
-        import lomo_trainer.optimizer
+        import lomo_trainer.optim.tensors
 
-        lomo_trainer.optimizer.UPDATE_CHUNK = chunk
+        lomo_trainer.optim.tensors.UPDATE_CHUNK = chunk
     model, vocab = build(kind, checkpointing)
     n_params = len(list(model.parameters()))
     cfg = dict(DS_CONFIG, zero_optimization={"stage": 3, **(zero or {})})
@@ -118,20 +118,25 @@ def train_zero3_overlap(rank, world, overlap, ds_overlap):
     """Train with a spy on the reductions: which were launched asynchronously, and how many were in flight
     (launched, not yet applied) when each gradient's hook fired."""
     from lomo_trainer import _zero
+    from lomo_trainer.optim.sinks import NormSink, UpdateSink
 
     launched, in_flight, applied = [], [], [0]
-    reduce, apply = _zero.reduce_to_shard, LOMO._apply
+    reduce = _zero.reduce_to_shard
 
     def spy_reduce(p, grad, async_op=False):
         in_flight.append(len(launched) - applied[0])
         launched.append(async_op)
         return reduce(p, grad, async_op)
 
-    def spy_apply(self, *args):
-        applied[0] += 1
-        return apply(self, *args)
+    def spy_apply(apply):
+        def spied(self, *args):
+            applied[0] += 1
+            return apply(self, *args)
+        return spied
 
-    _zero.reduce_to_shard, LOMO._apply = spy_reduce, spy_apply  # forked rank: the parent is untouched
+    # forked rank: the parent is untouched
+    _zero.reduce_to_shard = spy_reduce
+    NormSink.apply, UpdateSink.apply = spy_apply(NormSink.apply), spy_apply(UpdateSink.apply)
     model, vocab = build("llama")
     cfg = dict(DS_CONFIG, zero_optimization={"stage": 3, "overlap_comm": ds_overlap})
     engine, *_ = deepspeed.initialize(model=model, config=cfg)

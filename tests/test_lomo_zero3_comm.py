@@ -33,10 +33,12 @@ def train_spied(rank, world, opts, zero, precision):
     NCCL, get a host tensor."""
     import torch.distributed as dist
 
-    import lomo_trainer.optimizer as lomo_opt
+    import lomo_trainer.optim.adalomo
+    import lomo_trainer.optim.rules
     from lomo_trainer import _zero
 
-    lomo_opt._to_weight_device = lambda g, w: g.to(w.device).as_subclass(HostCopy)
+    for module in (lomo_trainer.optim.rules, lomo_trainer.optim.adalomo):  # every rule's host copy
+        module.to_weight_device = lambda g, w: g.to(w.device).as_subclass(HostCopy)
     seen = []
 
     def spy(name, fn):
@@ -128,13 +130,15 @@ def train_stream_order(rank, world):
     coordinator = engine.optimizer.get_param_coordinator()
     # CPU has no streams (DeepSpeed keeps None there and ignores the stream it is given): a recording fake
     coordinator._PartitionedParameterCoordinator__allgather_stream = FakeStream(log)
-    update = LOMO._update
+    from lomo_trainer.optim import GuardedWriter
 
-    def spy_update(self, *args):
+    write = GuardedWriter.write
+
+    def spy_write(self, *args):
         log.append("update")
-        return update(self, *args)
+        return write(self, *args)
 
-    LOMO._update = spy_update
+    GuardedWriter.write = spy_write
     opt = LOMO(engine, lr=0.5, clip_grad_norm=2.0)
     for step in range(2):
         b = batch(step, rank, VOCAB)

@@ -11,7 +11,7 @@ import torch
 
 from distributed import run_ranks
 from lomo_trainer import LOMO
-from lomo_trainer.adalomo import AdaLomo
+from lomo_trainer.optim import AdaLomo
 from lomo_trainer.errors import ConfigError
 from lomo_trainer.lora import adapter_parameters, check_block, prepare_model
 from models import VOCAB, batch, tiny_llama

@@ -45,7 +45,9 @@ def make_trainer(args, recorder=None, callbacks=None):
 
     class Recording(LOMOTrainer):
         def compute_loss(self, model, inputs, **kw):
-            if recorder is not None and torch.is_grad_enabled() and self.optimizer._phase == "closure":
+            from lomo_trainer.optim.engine import _IN_CLOSURE
+
+            if recorder is not None and torch.is_grad_enabled() and self.optimizer._sink is _IN_CLOSURE:
                 if not recorder.batches or recorder.batches[-1][0] != self.state.global_step:
                     recorder.batches.append((self.state.global_step, inputs["input_ids"].clone()))
             return super().compute_loss(model, inputs, **kw)

@@ -36,8 +36,7 @@ def _loss(engine, x):  # forward through the bare module: the engine refuses a d
 
 def _fused(kind: str, overlap: bool, accumulate: bool = False):
     def make(engine, cfg, device):
-        from ..adalomo import AdaLomo
-        from ..optimizer import LOMO
+        from ..optim import LOMO, AdaLomo
 
         opt = {"lomo": LOMO, "adalomo": AdaLomo}[kind](engine, lr=cfg["lr"], clip_grad_norm=None, overlap_comm=overlap,
                                                        accumulate=accumulate)

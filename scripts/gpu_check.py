@@ -1,5 +1,5 @@
-"""One-GPU check of the fused update (issue 15). NOT RUN YET: written on a CPU-only machine; only its CPU
-path (``--device cpu``, plain module, fp32/bf16) has run, in tests/test_gpu_check.py.
+"""One-GPU check of the fused update. Not yet run on a GPU; its CPU path (``--device cpu``, plain module, fp32/bf16)
+runs in tests/test_gpu_check.py.
 
 On one GPU (world size 1, NCCL), for every optimizer mode (clipping global / per_param / value; fp32, fp16,
 bf16, bf16 with stochastic rounding; ZeRO-3 with and without ``offload_param``; overlap on and off, which
@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from .optimizer import LOMO, _chunks
+from lomo_trainer.optim import LOMO, SGD, chunks
 
 VOCAB = 512
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "bf16_sr": torch.bfloat16}
@@ -89,27 +89,26 @@ def relative_error(got: dict, expected: dict) -> float:
     return max(((got[n].double().cpu() - e).abs().max() / (1 + e.abs().max())).item() for n, e in expected.items())
 
 
-class NormLOMO(LOMO):
-    """LOMO that also sums, on the device, the squared norm of the gradients its update pass applies."""
+class NormSGD(SGD):
+    """LOMO's SGD rule that also sums, on the device, the squared norm of the gradients the update pass applies."""
 
     update_norm_sq: torch.Tensor | None = None
 
-    def _apply(self, p, g, w, norm) -> None:
-        if self._phase == "update":
-            for gc, _ in _chunks(g, w):
-                sq = self._grad32(gc).square().sum()
-                self.update_norm_sq = sq if self.update_norm_sq is None else self.update_norm_sq + sq
-        super()._apply(p, g, w, norm)
+    def apply(self, p, g, w, prepared, step) -> None:
+        for gc, _ in chunks(g, w):
+            sq = step.clipping.grad32(gc).square().sum()
+            self.update_norm_sq = sq if self.update_norm_sq is None else self.update_norm_sq + sq
+        super().apply(p, g, w, prepared, step)
 
 
-def _build(name_opts, precision, zero, device, cls=LOMO):
+def _build(name_opts, precision, zero, device):
     """(optimizer, forward(ids) -> loss, gathered weights())."""
     opts = dict(name_opts)
     model = tiny_llama()
     dtype = PRECISIONS[precision]
     if zero is None:
         model = model.to(device=device, dtype=dtype)
-        return cls(model, **opts), (lambda ids: model(input_ids=ids.to(device), labels=ids.to(device)).loss.float()), \
+        return LOMO(model, **opts), (lambda ids: model(input_ids=ids.to(device), labels=ids.to(device)).loss.float()), \
             (lambda: {n: p.detach() for n, p in model.named_parameters()})
     import deepspeed
 
@@ -126,7 +125,7 @@ def _build(name_opts, precision, zero, device, cls=LOMO):
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
 
-    return cls(engine, **opts), (lambda ids: engine.module(input_ids=ids.to(device), labels=ids.to(device)).loss.float()), weights
+    return LOMO(engine, **opts), (lambda ids: engine.module(input_ids=ids.to(device), labels=ids.to(device)).loss.float()), weights
 
 
 def count_syncs(fn) -> tuple[object, int]:
@@ -160,13 +159,14 @@ def check_mode(name, opts, precision, zero, device) -> dict:
 
 def fp16_norms(device, steps: int = 200, zero=None) -> list[dict]:
     opts = dict(lr=0.05, clip_grad_norm=1.0, fp16={"initial_scale_power": 16, "loss_scale_window": 20})
-    opt, forward, _ = _build(opts, "fp16", zero, device, cls=NormLOMO)
+    rule = NormSGD()
+    opt, forward, _ = _build(dict(opts, rule=rule), "fp16", zero, device)
     log = []
     for step in range(steps):
         ids = make_batch(step)
-        opt.update_norm_sq = None
+        rule.update_norm_sq = None
         loss = opt.step(lambda: forward(ids))
-        upd = opt.update_norm_sq
+        upd = rule.update_norm_sq
         log.append({"step": step, "loss": loss.item(), "scale": opt.loss_scale, "skipped": opt.last_step_skipped,
                     "skipped_steps": opt.skipped_steps, "norm_pass": opt.grad_norm,
                     "update_pass": None if upd is None else upd.sqrt().item()})

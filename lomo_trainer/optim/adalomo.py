@@ -1,4 +1,4 @@
-"""AdaLomo: LOMO's fused update with an adaptive step (arXiv 2310.10195), exact under ZeRO-3 partitions.
+"""AdaLomo's update rule (arXiv 2310.10195), exact under ZeRO-3 partitions, and the ``AdaLomo`` optimizer.
 
 Per parameter, at step t (counted per parameter: steps whose update was committed), with the gradient G
 (unscaled, clipped as LOMO clips it):
@@ -36,44 +36,27 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-from . import _zero
-from .optimizer import LOMO, _chunks, _to_weight_device, all_finite
+from .. import _zero
+from .engine import LOMO
+from .rules import UpdateRule
+from .tensors import all_finite, spans, to_weight_device
 
 
-class AdaLomo(LOMO):
-    """Fused AdaLomo over a module or a DeepSpeed ZeRO-3 engine; every LOMO argument (clipping, fp16, bf16
-    stochastic rounding, overlap_comm, parameter groups) works as in ``LOMO``.
+class AdaLomoRule(UpdateRule):
+    """The AdaLomo update of one parameter; hyperparameters from its param group (``defaults``)."""
 
-    Args (besides LOMO's; each may also be set per parameter group):
-        lr: base learning rate; the step is lr * max(eps2, RMS(parameter)), so a larger lr than SGD's, such as
-            the paper's 1e-3 to 5e-4, is the right order.
-        weight_decay: decoupled: ``theta -= lr_t * weight_decay * theta``, with the RMS-scaled lr_t.
-        clip_threshold: the update's RMS is clipped to this (grouped update normalisation).
-        decay_rate: beta2_t = 1 - t ** decay_rate; must be < 0.
-        eps: (eps1 added to G^2, eps2 floor of the parameter RMS), the references' defaults.
-    """
+    defaults = dict(clip_threshold=1.0, decay_rate=-0.8, eps1=1e-30, eps2=1e-3)
 
-    def __init__(self, model, params=None, lr: float = 1e-3, weight_decay: float = 0.0, clip_threshold: float = 1.0,
-                 decay_rate: float = -0.8, eps: tuple[float, float] = (1e-30, 1e-3), **lomo_kwargs):
-        if not clip_threshold > 0:
-            raise ValueError(f"clip_threshold must be > 0, got {clip_threshold}")
-        if not decay_rate < 0:
-            raise ValueError(f"decay_rate must be < 0 (beta2_t = 1 - t ** decay_rate), got {decay_rate}")
-        eps1, eps2 = eps
-        if eps1 < 0 or eps2 < 0:
-            raise ValueError(f"eps must be two numbers >= 0, got {eps}")
-        super().__init__(model, params, lr=lr, weight_decay=weight_decay, **lomo_kwargs)
-        extra = dict(clip_threshold=float(clip_threshold), decay_rate=float(decay_rate), eps1=float(eps1),
-                     eps2=float(eps2))
-        self.defaults.update(extra)
-        for group in self.param_groups:
-            for key, value in extra.items():
-                group.setdefault(key, value)
+    def validate_group(self, group: dict) -> None:
+        if not group["clip_threshold"] > 0:
+            raise ValueError(f"clip_threshold must be > 0, got {group['clip_threshold']}")
+        if not group["decay_rate"] < 0:
+            raise ValueError(f"decay_rate must be < 0 (beta2_t = 1 - t ** decay_rate), got {group['decay_rate']}")
+        if group["eps1"] < 0 or group["eps2"] < 0:
+            raise ValueError(f"eps must be two numbers >= 0, got {(group['eps1'], group['eps2'])}")
 
-    # ------------------------------------------------------------------ the rule
-    def _prepare(self, p: nn.Parameter, g: torch.Tensor, w: torch.Tensor):
+    def prepare(self, p, g, w, step):
         """Partial statistics of this rank's span, summed over the partition group by one all-reduce:
         [row sums of G^2 | column sums of G^2 (matrices only) | sum theta^2 | sum G^2 (per-parameter clip)]."""
         shape = _zero.full_shape(p)
@@ -81,26 +64,26 @@ class AdaLomo(LOMO):
         n_stats = lay.rows + lay.cols if lay else 0
         stats = torch.zeros(n_stats + 2, dtype=torch.float32, device=g.device)
         rows, cols = stats[:lay.rows] if lay else None, stats[lay.rows:n_stats] if lay else None
-        for gc, wc, offset, _ in _spans(g, w, _zero.shard_offset(p)):
-            g2 = self._clipped(gc).square()
+        for gc, wc, offset, _ in spans(g, w, _zero.shard_offset(p)):
+            g2 = step.clipping.clipped(gc).square()
             stats[n_stats] += wc.float().square().sum().to(stats.device)
             stats[n_stats + 1] += g2.sum()
             if lay is not None:
                 lay.add_partial_sums(g2, offset, rows, cols)
-        return stats, self._all_reduce(p, stats)
+        return stats, step.all_reduce(p, stats)
 
-    def _apply_update(self, p: nn.Parameter, g: torch.Tensor, w: torch.Tensor, ctx) -> None:
-        stats, work = ctx
+    def apply(self, p, g, w, prepared, step):
+        stats, work = prepared
         if work is not None:
             work.wait()
-        group = self._group_of[p]
+        group, clipping = step.group(p), step.clipping
         shape = _zero.full_shape(p)
         numel = math.prod(shape)
         lay = _Layout(shape) if len(shape) >= 2 else None
-        state = self._state(p, lay, g)
+        state = self._state(step.state(p), lay, g)
         eps1 = group["eps1"]
         n_stats = lay.rows + lay.cols if lay else 0
-        coef = self._per_param_coef(stats[n_stats + 1])  # scales G, so G^2 sums by coef^2
+        coef = clipping.per_param_coef(stats[n_stats + 1])  # scales G, so G^2 sums by coef^2
         beta2 = 1.0 - (state["step"] + 1.0).pow(group["decay_rate"])
         start = _zero.shard_offset(p)
 
@@ -115,54 +98,39 @@ class AdaLomo(LOMO):
             bad = (~all_finite(stats)).float()
         else:
             v = state["v"] * beta2
-            for gc, _, _, k in _spans(g, w, start):
-                gc = self._clipped(gc, coef)
+            for gc, _, _, k in spans(g, w, start):
+                gc = clipping.clipped(gc, coef)
                 v[k:k + gc.numel()].add_((gc.square() + eps1) * (1 - beta2))
             new_state = {"v": v}
             bad = (~all_finite(v)).float()
 
         def update(gc, offset, k):
-            gc = self._clipped(gc, coef)
+            gc = clipping.clipped(gc, coef)
             if lay is not None:
                 return lay.scale(gc, offset, *factors)
             return gc * v[k:k + gc.numel()].rsqrt()
 
         # RMS of the whole update: this span's sum of squares, summed over the group with a non-finite count
-        usq = torch.stack([sum(update(gc, off, k).square().sum() for gc, _, off, k in _spans(g, w, start)), bad])
-        handle = self._all_reduce(p, usq)
+        usq = torch.stack([sum(update(gc, off, k).square().sum() for gc, _, off, k in spans(g, w, start)), bad])
+        handle = step.all_reduce(p, usq)
         if handle is not None:
             handle.wait()
         ok = torch.isfinite(usq[0]) & (usq[1] == 0)
         denom = ((usq[0] / numel).sqrt() / group["clip_threshold"]).clamp(min=1.0)
         lr_t = group["lr"] * (stats[n_stats] / numel).sqrt().clamp(min=group["eps2"])
         decay = 1.0 - lr_t * group["weight_decay"]
-        for gc, wc, offset, k in _spans(g, w, start):
-            u = _to_weight_device(update(gc, offset, k), wc)
+        for gc, wc, offset, k in spans(g, w, start):
+            u = to_weight_device(update(gc, offset, k), wc)
             new = wc.float() * decay.to(wc.device) if group["weight_decay"] else wc.float().clone()
             new.sub_(u.view(wc.shape) * (lr_t / denom).to(wc.device))
-            self._write(wc, new, ok.to(wc.device))
+            step.write(wc, new, ok.to(wc.device))
         for key, value in new_state.items():  # a skipped parameter keeps its state and its step
             state[key].copy_(torch.where(ok, value, state[key]))
         state["step"].add_(ok.float())
 
-    def _clipped(self, g: torch.Tensor, coef: torch.Tensor | None = None) -> torch.Tensor:
-        """The gradient slice in fp32, unscaled, clipped by value and by the global norm (LOMO's SGD applies the
-        global coefficient to the step instead; here it must act on G before it is squared)."""
-        g = self._grad32(g).reshape(-1)
-        if self._clip_coef != 1.0:
-            g = g * self._clip_coef
-        if coef is not None:
-            g = g * coef
-        return g
-
-    def _per_param_coef(self, grad_sq: torch.Tensor) -> torch.Tensor | None:
-        if self.clip_grad_norm is None or self.clip_mode != "per_param":
-            return None
-        return (self.clip_grad_norm / (grad_sq.sqrt() + 1e-6)).clamp(max=1.0)
-
-    def _state(self, p: nn.Parameter, lay, g: torch.Tensor) -> dict:
+    @staticmethod
+    def _state(state: dict, lay, g: torch.Tensor) -> dict:
         """fp32 state on the gradient's device: the step count, and row/col statistics or this span's V."""
-        state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=g.device)
             if lay is not None:
@@ -175,18 +143,27 @@ class AdaLomo(LOMO):
                 state[key] = value.to(g.device)
         return state
 
-    # ------------------------------------------------------------------ checkpoint
-    def load_state_dict(self, state_dict: dict) -> None:
-        """torch's loader would cast the fp32 state to the parameters' dtype (bf16): restore it as saved."""
-        state_dict = dict(state_dict)
-        saved = state_dict.pop("state", {}) or {}
-        super().load_state_dict({**state_dict, "state": {}})
-        params = [p for g in self.param_groups for p in g["params"]]
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        self.state.clear()
-        for i, p in zip(ids, params):
-            if i in saved:
-                self.state[p] = {k: v.clone() for k, v in saved[i].items()}
+
+class AdaLomo(LOMO):
+    """Fused AdaLomo over a module or a DeepSpeed ZeRO-3 engine: ``LOMO`` with ``AdaLomoRule``; every LOMO argument
+    (clipping, fp16, bf16 stochastic rounding, overlap_comm, accumulation, parameter groups, adapters) works as there.
+
+    Args (besides LOMO's; each may also be set per parameter group):
+        lr: base learning rate; the step is lr * max(eps2, RMS(parameter)), so a larger lr than SGD's, such as
+            the paper's 1e-3 to 5e-4, is the right order.
+        weight_decay: decoupled: ``theta -= lr_t * weight_decay * theta``, with the RMS-scaled lr_t.
+        clip_threshold: the update's RMS is clipped to this (grouped update normalisation).
+        decay_rate: beta2_t = 1 - t ** decay_rate; must be < 0.
+        eps: (eps1 added to G^2, eps2 floor of the parameter RMS), the references' defaults.
+    """
+
+    def __init__(self, model, params=None, lr: float = 1e-3, weight_decay: float = 0.0, clip_threshold: float = 1.0,
+                 decay_rate: float = -0.8, eps: tuple[float, float] = (1e-30, 1e-3), **lomo_kwargs):
+        eps1, eps2 = eps
+        rule = AdaLomoRule()
+        rule.defaults = dict(clip_threshold=float(clip_threshold), decay_rate=float(decay_rate), eps1=float(eps1),
+                             eps2=float(eps2))
+        super().__init__(model, params, lr=lr, weight_decay=weight_decay, rule=rule, **lomo_kwargs)
 
 
 class _Layout:
@@ -233,11 +210,3 @@ class _Layout:
         n = m.shape[0]
         cf = col_f.view(1, self.c) if self.b == 1 else col_f.view(self.b, self.c)[self._batch_of(first, n, m.device)]
         return (m * row_f[first:first + n, None] * cf).reshape(-1)[lead:lead + g.numel()]
-
-
-def _spans(g: torch.Tensor, w: torch.Tensor, start: int):
-    """LOMO's update slices, with their offsets: (grad, weight, offset in the flattened parameter, in the shard)."""
-    k = 0
-    for gc, wc in _chunks(g, w):
-        yield gc, wc, start + k, k
-        k += gc.numel()
