@@ -42,7 +42,8 @@ from .loss_scaler import DynamicLossScaler
 
 # optimizer.params keys that restate a TrainingArguments field: "auto" or the same value
 RESTATED = {"lr": "learning_rate", "weight_decay": "weight_decay", "clip_grad_norm": "max_grad_norm", "seed": "seed"}
-OPTIMIZER_FIELDS = ("clip_grad_value", "clip_mode", "stochastic_rounding", "accumulation_dtype")  # LOMOArguments fields of optimizer.params
+# LOMOArguments fields that optimizer.params may hold (the others are no optimizer keys)
+OPTIMIZER_FIELDS = ("clip_grad_value", "clip_mode", "stochastic_rounding", "accumulation_dtype")
 ADALOMO_FIELDS = ("clip_threshold", "decay_rate", "eps1", "eps2")  # AdaLomo's own, only with optimizer.type AdaLomo
 OPTIMIZER_TYPES = {"lomo": "lomo", "adalomo": "adalomo"}  # optimizer.type, case-insensitive -> LOMOArguments.optimizer
 OPTIMIZER_PARAMS = set(RESTATED) | set(OPTIMIZER_FIELDS) | set(ADALOMO_FIELDS)
@@ -189,7 +190,8 @@ class LOMOArguments:
         if self.decay_rate is not None:
             if isinstance(self.decay_rate, bool) or not isinstance(self.decay_rate, (int, float)) or \
                     not self.decay_rate < 0:
-                raise ConfigError(f"decay_rate must be a number < 0 (beta2_t = 1 - t^decay_rate), got {self.decay_rate!r}")
+                raise ConfigError(f"decay_rate must be a number < 0 (beta2_t = 1 - t^decay_rate), got "
+                                  f"{self.decay_rate!r}")
             self.decay_rate = float(self.decay_rate)
         for key in ("eps1", "eps2"):
             if getattr(self, key) is not None:
@@ -198,7 +200,8 @@ class LOMOArguments:
             try:
                 self.lora = json.loads(self.lora)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"lora must be a JSON object, got invalid JSON ({e.msg}): {self.lora[:60]!r}") from None
+                raise ConfigError(f"lora must be a JSON object, got invalid JSON ({e.msg}): "
+                                  f"{self.lora[:60]!r}") from None
         if self.lora is not None:
             check_block(self.lora)
 
@@ -356,7 +359,7 @@ def _check_engine(ds: dict, args, gas: int) -> list[str]:
     return []
 
 
-def _check_batch(ds: dict, args, gas: int = 1) -> None:
+def _check_batch(ds: dict, args, gas: int) -> None:
     """The batch keys against the arguments; the world size is known before the process group only from the
     launcher's WORLD_SIZE (engine_config checks again once it is certain)."""
     per_device = _integer("per_device_train_batch_size", getattr(args, "per_device_train_batch_size", 1), auto=False)
@@ -373,8 +376,8 @@ def _check_batch(ds: dict, args, gas: int = 1) -> None:
 
 
 def _precision(ds: dict, args, deepspeed: bool) -> tuple[dict | None, bool]:
-    """(the fp16 block with DeepSpeed's defaults filled in, or None; bf16): the JSON's blocks against --fp16/--bf16.
-    The loss scaler's own dataclass checks the fp16 values' ranges."""
+    """(the fp16 loss-scaler settings, or None; bf16): the JSON's fp16/bf16 blocks against --fp16/--bf16, and
+    against what the device supports."""
     fp16_block = _block(ds, "fp16", example='{"enabled": "auto"}')
     bf16_block = _block(ds, "bf16", example='{"enabled": "auto"}')
     for key, block, flag in (("fp16", fp16_block, args.fp16), ("bf16", bf16_block, args.bf16)):
@@ -387,25 +390,30 @@ def _precision(ds: dict, args, deepspeed: bool) -> tuple[dict | None, bool]:
     fp16, bf16 = bool(args.fp16), bool(args.bf16)  # equal to the blocks' "enabled" after the check above
     if fp16 and bf16:
         raise ConfigError("fp16 and bf16 are both enabled: choose one (fp16.enabled / bf16.enabled, --fp16 / --bf16)")
-    unknown16 = set(fp16_block) - FP16_KEYS
-    if fp16 and unknown16:
-        raise ConfigError(f"fp16 has unknown key(s) {sorted(unknown16)}: allowed are {sorted(FP16_KEYS)}")
-    fp16_cfg = None
-    if fp16:
-        fp16_cfg = {**FP16_DEFAULTS, **{k: v for k, v in fp16_block.items() if k not in ("enabled", "auto_cast")}}
-        for key, value in fp16_cfg.items():
-            if key == "consecutive_hysteresis":
-                if not isinstance(value, bool):
-                    raise ConfigError(f"fp16.consecutive_hysteresis must be true or false, got {json.dumps(value)}")
-            else:
-                _number(f"fp16.{key}", value, allow_none=False)
-        try:  # its own range checks, now rather than when LOMO is built after the engine
-            DynamicLossScaler.from_ds_config(fp16_cfg)
-        except ValueError as e:
-            raise ConfigError(f"{e}: fix the DeepSpeed config's fp16 block") from None
+    fp16_cfg = _loss_scaling(fp16_block) if fp16 else None
     if deepspeed:
         _check_device_dtype(fp16, bf16)
     return fp16_cfg, bf16
+
+
+def _loss_scaling(block: dict) -> dict:
+    """The fp16 block's loss-scaler keys, DeepSpeed's defaults filled in; the scaler's own dataclass checks the
+    ranges now rather than when LOMO is built after the engine."""
+    unknown = set(block) - FP16_KEYS
+    if unknown:
+        raise ConfigError(f"fp16 has unknown key(s) {sorted(unknown)}: allowed are {sorted(FP16_KEYS)}")
+    cfg = {**FP16_DEFAULTS, **{k: v for k, v in block.items() if k not in ("enabled", "auto_cast")}}
+    for key, value in cfg.items():
+        if key == "consecutive_hysteresis":
+            if not isinstance(value, bool):
+                raise ConfigError(f"fp16.consecutive_hysteresis must be true or false, got {json.dumps(value)}")
+        else:
+            _number(f"fp16.{key}", value, allow_none=False)
+    try:
+        DynamicLossScaler.from_ds_config(cfg)
+    except ValueError as e:
+        raise ConfigError(f"{e}: fix the DeepSpeed config's fp16 block") from None
+    return cfg
 
 
 def _check_device_dtype(fp16: bool, bf16: bool) -> None:
