@@ -1,4 +1,4 @@
-"""LOMO hyperparameters from a DeepSpeed JSON config and TrainingArguments, validated up front.
+"""LOMO's settings as data: the DeepSpeed JSON, TrainingArguments and LOMOArguments, merged and checked up front.
 
 Users already write DeepSpeed JSON; LOMOTrainer reads the same file:
 
@@ -15,8 +15,9 @@ Users already write DeepSpeed JSON; LOMOTrainer reads the same file:
 seed and max_grad_norm live in TrainingArguments (``optimizer.params`` and ``gradient_clipping`` may only restate
 them); LOMO's own settings are ``LOMOArguments`` (run config, command line, ``LOMOTrainer(lomo_args=...)`` or
 ``optimizer.params``); a ``scheduler`` block owns the schedule (``lr_scheduler_type`` may only restate it).
-Where two sources disagree, or a combination cannot work,
-``validate`` raises a one-line ``ConfigError`` naming the keys, before any process group or GPU memory is used.
+``validate`` reads every source into one set of stated values (each with the name the user wrote), and raises a
+one-line ``ConfigError`` naming the keys where two disagree or a combination cannot work, before any process group
+or GPU memory is used. Its result, ``LOMOSettings``, is plain data: optim/factory.py builds the optimizer from it.
 The ``optimizer`` and ``scheduler`` blocks are removed from what DeepSpeed sees: LOMO is not a DeepSpeed
 optimizer, and DeepSpeed must build its engine without one (no fp32 master copy, no gradient buffers).
 Clipping: TrainingArguments.max_grad_norm (1.0 by default, which is also DeepSpeed's default for
@@ -35,16 +36,19 @@ import os
 from dataclasses import dataclass, field, fields
 
 from .errors import ConfigError
+from .gathering import device_memory_bytes, fill_auto, model_numels
+from .lora_config import check_block
+from .loss_scaler import DynamicLossScaler
 
 # optimizer.params keys that restate a TrainingArguments field: "auto" or the same value
 RESTATED = {"lr": "learning_rate", "weight_decay": "weight_decay", "clip_grad_norm": "max_grad_norm", "seed": "seed"}
-OPTIMIZER_FIELDS = ("clip_grad_value", "clip_mode", "stochastic_rounding", "accumulation_dtype")  # LOMOArguments fields of optimizer.params
+# LOMOArguments fields that optimizer.params may hold (the others are no optimizer keys)
+OPTIMIZER_FIELDS = ("clip_grad_value", "clip_mode", "stochastic_rounding", "accumulation_dtype")
 ADALOMO_FIELDS = ("clip_threshold", "decay_rate", "eps1", "eps2")  # AdaLomo's own, only with optimizer.type AdaLomo
 OPTIMIZER_TYPES = {"lomo": "lomo", "adalomo": "adalomo"}  # optimizer.type, case-insensitive -> LOMOArguments.optimizer
 OPTIMIZER_PARAMS = set(RESTATED) | set(OPTIMIZER_FIELDS) | set(ADALOMO_FIELDS)
 # TrainingArguments.lr_scheduler_type that draws the same curve as a DeepSpeed scheduler block
 HF_EQUIVALENT = {"WarmupLR": "constant_with_warmup", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}
-SCHEDULERS = {"WarmupLR", "WarmupDecayLR", "WarmupCosineLR"}
 FP16_KEYS = {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
              "consecutive_hysteresis", "min_loss_scale"}
 # DeepSpeed's defaults (runtime/fp16 constants), written out so that an fp16 block is never an empty (falsy) dict
@@ -123,82 +127,6 @@ def _block(parent: dict, key: str, name: str | None = None, example: str = "{...
     return value
 
 
-def _check_scheduler(scheduler: dict, lr: float) -> None:
-    """DeepSpeed scheduler params: known keys, numbers (or "auto"), and a peak lr that agrees with the lr."""
-    kind = scheduler.get("type")
-    if kind not in SCHEDULER_PARAMS:
-        raise ConfigError(f"scheduler.type {kind!r} is not supported: use one of {sorted(SCHEDULER_PARAMS)}, or drop "
-                          "the block and set lr_scheduler_type in TrainingArguments")
-    params = _block(scheduler, "params", "scheduler.params")
-    unknown = set(params) - SCHEDULER_PARAMS[kind]
-    if unknown:
-        raise ConfigError(f"scheduler.params has unknown key(s) {sorted(unknown)} for {kind}: allowed are "
-                          f"{sorted(SCHEDULER_PARAMS[kind])}")
-    for key, value in params.items():
-        name = f"scheduler.params.{key}"
-        if key == "warmup_type":
-            if value not in ("log", "linear", "auto"):
-                raise ConfigError(f"{name}={value!r}: use \"log\" or \"linear\"")
-        elif key in ("warmup_num_steps", "total_num_steps"):
-            _integer(name, value, minimum=0)
-        elif key == "last_batch_iteration":
-            _integer(name, value, minimum=-1, auto=False)
-        elif value != "auto":
-            _number(name, value, allow_none=False)
-    peak = params.get("warmup_max_lr", "auto")
-    if peak != "auto" and not math.isclose(peak, lr):
-        raise ConfigError(f"scheduler.params.warmup_max_lr={peak} but the optimizer lr is {lr}: "
-                          "set one to match or use \"auto\"")
-
-
-def _check_one_schedule(scheduler: dict, args) -> None:
-    """A scheduler block owns the schedule: TrainingArguments may restate it, never contradict it. Its defaults
-    (lr_scheduler_type "linear", no warmup) cannot be told from values given on purpose, so they pass."""
-    kind = scheduler["type"]
-    hf = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
-    if hf not in ("linear", HF_EQUIVALENT[kind]) or args.lr_scheduler_kwargs:
-        given = f"lr_scheduler_type={hf}" + (" with lr_scheduler_kwargs" if args.lr_scheduler_kwargs else "")
-        raise ConfigError(f"scheduler.type={kind} in the DeepSpeed config but TrainingArguments.{given}: the schedule "
-                          "has one home, drop the scheduler block or lr_scheduler_type (and lr_scheduler_kwargs)")
-    steps = (scheduler.get("params") or {}).get("warmup_num_steps", "auto")
-    warmup = args.warmup_steps or getattr(args, "warmup_ratio", 0)
-    if steps != "auto" and warmup and steps != warmup:
-        raise ConfigError(f"scheduler.params.warmup_num_steps={steps} in the DeepSpeed config but TrainingArguments."
-                          f"warmup_steps={warmup}: keep one (warmup_num_steps \"auto\" takes warmup_steps)")
-
-
-def _check_device_dtype(fp16: bool, bf16: bool) -> None:
-    """DeepSpeed refuses a dtype its accelerator lacks only inside deepspeed.initialize (engine._do_sanity_check),
-    after the process group: ask the same gate now. Asked at every call, never cached: tests patch it."""
-    if not (fp16 or bf16):
-        return
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    if fp16 and not accelerator.is_fp16_supported():
-        raise ConfigError(f"fp16 is enabled but this device ({accelerator.device_name()}) has no fp16 support in "
-                          "DeepSpeed: use bf16 (--bf16 true) or fp32 (--fp16 false)")
-    if bf16 and not accelerator.is_bf16_supported():
-        raise ConfigError(f"bf16 is enabled but this device ({accelerator.device_name()}) has no bf16 support in "
-                          "DeepSpeed: use fp16 (--fp16 true) or fp32 (--bf16 false)")
-
-
-def _check_batch(ds: dict, args, gas: int = 1) -> None:
-    """The batch keys against the arguments; the world size is known before the process group only from the
-    launcher's WORLD_SIZE (engine_config checks again once it is certain)."""
-    per_device = _integer("per_device_train_batch_size", getattr(args, "per_device_train_batch_size", 1), auto=False)
-    micro = _auto(_integer("train_micro_batch_size_per_gpu", ds.get("train_micro_batch_size_per_gpu", "auto")),
-                  per_device)
-    if micro != per_device:
-        raise ConfigError(f"train_micro_batch_size_per_gpu={micro} but TrainingArguments.per_device_train_batch_size="
-                          f"{per_device}: set one to match or use \"auto\"")
-    total = _integer("train_batch_size", ds.get("train_batch_size", "auto"))
-    world = os.environ.get("WORLD_SIZE", "")
-    if total != "auto" and world.isdigit() and total != micro * int(world) * gas:
-        raise ConfigError(f"train_batch_size={total} but micro batch {micro} x {world} processes x {gas} "
-                          f"accumulation steps = {micro * int(world) * gas}: set it to \"auto\"")
-
-
 @dataclass
 class LOMOArguments:
     """LOMO's own settings, one schema for lomo-train's run config and command line (``--clip_mode per_param``),
@@ -262,7 +190,8 @@ class LOMOArguments:
         if self.decay_rate is not None:
             if isinstance(self.decay_rate, bool) or not isinstance(self.decay_rate, (int, float)) or \
                     not self.decay_rate < 0:
-                raise ConfigError(f"decay_rate must be a number < 0 (beta2_t = 1 - t^decay_rate), got {self.decay_rate!r}")
+                raise ConfigError(f"decay_rate must be a number < 0 (beta2_t = 1 - t^decay_rate), got "
+                                  f"{self.decay_rate!r}")
             self.decay_rate = float(self.decay_rate)
         for key in ("eps1", "eps2"):
             if getattr(self, key) is not None:
@@ -271,30 +200,110 @@ class LOMOArguments:
             try:
                 self.lora = json.loads(self.lora)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"lora must be a JSON object, got invalid JSON ({e.msg}): {self.lora[:60]!r}") from None
+                raise ConfigError(f"lora must be a JSON object, got invalid JSON ({e.msg}): "
+                                  f"{self.lora[:60]!r}") from None
         if self.lora is not None:
-            from .lora import check_block
-
             check_block(self.lora)
 
     def given(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
-LOMO_DEFAULTS = {"clip_grad_value": None, "clip_mode": "global", "stochastic_rounding": False,
-                 "max_consecutive_skips": 5, "optimizer": "lomo", "clip_threshold": 1.0, "decay_rate": -0.8,
-                 "eps1": 1e-30, "eps2": 1e-3, "accumulation_dtype": None, "check_memory": False, "lora": None}
+# what each LOMOArguments field is when no source states it
+DEFAULTS = {"clip_grad_value": None, "clip_mode": "global", "stochastic_rounding": False, "max_consecutive_skips": 5,
+            "optimizer": "lomo", "clip_threshold": 1.0, "decay_rate": -0.8, "eps1": 1e-30, "eps2": 1e-3,
+            "accumulation_dtype": None, "check_memory": False, "lora": None}
 
 
-def _stated(values, where: str, allowed: set) -> list[tuple[str, str, object]]:
-    """(name, key, value) for each value an optimizer.params-like object states ("auto", and null for a
-    LOMOArguments field, state nothing); LOMOArguments fields are checked by its own __post_init__."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a JSON object of optimizer.params keys, got {_json_type(values)}")
+@dataclass
+class LOMOSettings:
+    """What validate resolved, as plain data: LOMOTrainer builds the optimizer (optim/factory.py) and the scheduler
+    from it."""
+
+    lr: float
+    weight_decay: float = 0.0
+    clip_grad_norm: float | None = None
+    clip_grad_value: float | None = None
+    clip_mode: str = "global"
+    stochastic_rounding: bool = False
+    seed: int = 0
+    fp16: dict | None = None      # DeepSpeed-style fp16 block when fp16 is on
+    bf16: bool = False
+    scheduler: dict | None = None  # DeepSpeed scheduler block, or None for TrainingArguments.lr_scheduler_type
+    max_consecutive_skips: int = 5
+    optimizer: str = "lomo"         # "lomo" or "adalomo"
+    adalomo: dict = field(default_factory=dict)  # clip_threshold, decay_rate, eps: AdaLomo's own arguments
+    gradient_accumulation_steps: int = 1
+    accumulation_dtype: str | None = None  # the gradient buffer's dtype; None: no buffer (fused update in backward)
+    check_memory: bool = False
+    lora: dict | None = None  # lora_config.check_block's result: LoraConfig kwargs and the adapters' optimizer
+    warnings: list[str] = field(default_factory=list)
+
+
+def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | None = None) -> LOMOSettings:
+    """Check a DeepSpeed config (or None: no DeepSpeed) against TrainingArguments ``args`` and ``lomo_args`` (a
+    LOMOArguments, or a dict of its fields). A setting stated in two places must agree. An absent ``fp16``/``bf16``
+    block (or ``enabled`` key) counts as ``"auto"``, as accelerate fills it: ``--fp16 true`` with such a JSON trains
+    in fp16, never silently in fp32."""
+    ds = ds_config or {}
+    if not isinstance(ds, dict):
+        raise ConfigError(f"the DeepSpeed config must be a JSON object, got {_json_type(ds)}")
+    given = _merge(_from_lomo_args(lomo_args) + _from_deepspeed(ds))
+    gas = _accumulation_steps(ds, args)
+    warnings = _check_engine(ds, args, gas) if ds_config is not None else []
+    fp16, bf16 = _precision(ds, args, deepspeed=ds_config is not None)
+    train = _training_values(given, args)
+    lomo = _own_settings(given, gas, "fp16" if fp16 else "bf16" if bf16 else "fp32")
+    return LOMOSettings(**train, **lomo, fp16=fp16, bf16=bf16, scheduler=_scheduler(ds, args, train["lr"]),
+                        gradient_accumulation_steps=gas, warnings=warnings)
+
+
+# ---------------------------------------------------------------- the sources, read into one {key: (name, value)}
+# Each source gives (name as the user wrote it, LOMOArguments or optimizer.params key, value), in the order that
+# error messages name them.
+
+def _from_lomo_args(lomo_args) -> list[tuple[str, str, object]]:
+    """LOMOTrainer(lomo_args=...), the run config and the command line (cli.py parses them into LOMOArguments)."""
+    if lomo_args is None:
+        return []
+    if isinstance(lomo_args, LOMOArguments):
+        return [(key, key, value) for key, value in lomo_args.given().items()]
+    if not isinstance(lomo_args, dict):
+        raise ConfigError(f"lomo_args must be LOMOArguments(...) or a dict of its fields, got "
+                          f"{type(lomo_args).__name__}")
+    return _stated(lomo_args, "lomo_args", set(DEFAULTS))
+
+
+def _from_deepspeed(ds: dict) -> list[tuple[str, str, object]]:
+    """The DeepSpeed JSON: gradient_clipping, a top-level lora block, and the optimizer block's type and params."""
+    stated = []
+    if ds.get("gradient_clipping", "auto") != "auto":  # DeepSpeed's name for clip_grad_norm
+        stated.append(("gradient_clipping", "clip_grad_norm", ds["gradient_clipping"]))
+    if ds.get("lora") is not None:  # LOMO + LoRA's block, beside DeepSpeed's own
+        try:
+            stated.append(("lora (DeepSpeed config)", "lora", LOMOArguments(lora=ds["lora"]).lora))
+        except ConfigError as e:
+            raise ConfigError(f"{e} (the DeepSpeed config's lora block)") from None
+    if "optimizer" in ds:
+        opt = _block(ds, "optimizer", example='{"type": "LOMO", "params": {...}}')
+        if "type" not in opt:
+            raise ConfigError('optimizer must be {"type": "LOMO", "params": {...}} (or "AdaLomo")')
+        if str(opt["type"]).lower() not in OPTIMIZER_TYPES:
+            raise ConfigError(f"optimizer.type {opt['type']!r} is not supported by LOMOTrainer: set it to \"LOMO\" "
+                              "or \"AdaLomo\" (or use transformers.Trainer for DeepSpeed's own optimizers)")
+        stated.append(("optimizer.type", "optimizer", OPTIMIZER_TYPES[str(opt["type"]).lower()]))
+        stated += _stated(_block(opt, "params", "optimizer.params", '{"lr": "auto"}'), "optimizer.params",
+                          OPTIMIZER_PARAMS)
+    return stated
+
+
+def _stated(values: dict, where: str, allowed: set) -> list[tuple[str, str, object]]:
+    """What an optimizer.params-like dict states ("auto", and null for a LOMOArguments field, state nothing);
+    LOMOArguments fields are checked by its own __post_init__."""
     unknown = set(values) - allowed
     if unknown:
         raise ConfigError(f"{where} has unknown key(s) {sorted(unknown)}: allowed are {sorted(allowed)}")
-    own = {k: v for k, v in values.items() if k in LOMO_DEFAULTS and v not in ("auto", None)}
+    own = {k: v for k, v in values.items() if k in DEFAULTS and v not in ("auto", None)}
     try:
         LOMOArguments(**own)
     except ConfigError as e:
@@ -320,163 +329,131 @@ def _differ(a, b, key: str) -> bool:
     return not math.isclose(a, b) if numbers else a != b
 
 
-@dataclass
-class LOMOSettings:
-    """Everything LOMOTrainer needs to build the optimizer and the scheduler."""
-
-    lr: float
-    weight_decay: float = 0.0
-    clip_grad_norm: float | None = None
-    clip_grad_value: float | None = None
-    clip_mode: str = "global"
-    stochastic_rounding: bool = False
-    seed: int = 0
-    fp16: dict | None = None      # DeepSpeed-style fp16 block when fp16 is on
-    bf16: bool = False
-    scheduler: dict | None = None  # DeepSpeed scheduler block, or None for TrainingArguments.lr_scheduler_type
-    max_consecutive_skips: int = 5
-    optimizer: str = "lomo"         # "lomo" or "adalomo"
-    adalomo: dict = field(default_factory=dict)  # clip_threshold, decay_rate, eps: AdaLomo's own arguments
-    gradient_accumulation_steps: int = 1
-    accumulation_dtype: str | None = None  # the gradient buffer's dtype; None: no buffer (fused update in backward)
-    check_memory: bool = False
-    lora: dict | None = None  # lora.check_block's result: LoraConfig kwargs and the adapters' optimizer
-    warnings: list[str] = field(default_factory=list)
-
-    def optimizer_kwargs(self) -> dict:
-        import torch
-
-        buffered = self.accumulation_dtype is not None
-        kwargs = dict(lr=self.lr, weight_decay=self.weight_decay, clip_grad_norm=self.clip_grad_norm,
-                      clip_grad_value=self.clip_grad_value,
-                      clip_mode="global" if self.clip_mode == "buffered" else self.clip_mode, fp16=self.fp16,
-                      stochastic_rounding=self.stochastic_rounding, seed=self.seed, accumulate=buffered)
-        if buffered:
-            kwargs["buffer_dtype"] = {"fp32": torch.float32, "bf16": torch.bfloat16,
-                                      "fp16": torch.float16}[self.accumulation_dtype]
-        return {**kwargs, **self.adalomo} if self.optimizer == "adalomo" else kwargs
-
-    def optimizer_class(self):
-        from .optim import LOMO, AdaLomo
-
-        return AdaLomo if self.optimizer == "adalomo" else LOMO
-
-
-def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | None = None, *,
-             lomo_config: dict | None = None, max_consecutive_skips: int | None = None) -> LOMOSettings:
-    """Check a DeepSpeed config (or None: no DeepSpeed) against TrainingArguments ``args`` and ``lomo_args``.
-
-    ``lomo_args`` is a LOMOArguments, or a dict with the keys of ``optimizer.params`` (and max_consecutive_skips);
-    ``lomo_config`` and ``max_consecutive_skips`` are LOMOTrainer's older keywords for the same. A setting stated in
-    two of these places must agree. An absent ``fp16``/``bf16`` block (or ``enabled`` key) counts as ``"auto"``, as
-    accelerate fills it: ``--fp16 true`` with such a JSON trains in fp16, never silently in fp32."""
-    ds = ds_config or {}
-    if not isinstance(ds, dict):
-        raise ConfigError(f"the DeepSpeed config must be a JSON object, got {_json_type(ds)}")
-
-    # every place a LOMO setting is stated, as (name, key, value), in the order names are reported
-    stated = []
-    if ds.get("gradient_clipping", "auto") != "auto":  # DeepSpeed's name for clip_grad_norm
-        stated.append(("gradient_clipping", "clip_grad_norm", ds["gradient_clipping"]))
-    lomo_keys = OPTIMIZER_PARAMS | {"max_consecutive_skips", "optimizer", "check_memory", "lora"}
-    if isinstance(lomo_args, LOMOArguments):
-        stated += [(key, key, value) for key, value in lomo_args.given().items()]
-    elif lomo_args is not None:
-        stated += _stated(lomo_args, "lomo_args", lomo_keys)
-    if lomo_config is not None:
-        stated += _stated(lomo_config, "lomo_config", lomo_keys)
-    if max_consecutive_skips is not None:
-        stated.append(("max_consecutive_skips", "max_consecutive_skips",
-                       LOMOArguments(max_consecutive_skips=max_consecutive_skips).max_consecutive_skips))
-    if ds.get("lora") is not None:  # LOMO + LoRA's block, beside DeepSpeed's own
-        try:
-            stated.append(("lora (DeepSpeed config)", "lora", LOMOArguments(lora=ds["lora"]).lora))
-        except ConfigError as e:
-            raise ConfigError(f"{e} (the DeepSpeed config's lora block)") from None
-    opt = _block(ds, "optimizer", example='{"type": "LOMO", "params": {...}}')
-    if "optimizer" in ds:
-        if "type" not in opt:
-            raise ConfigError('optimizer must be {"type": "LOMO", "params": {...}} (or "AdaLomo")')
-        if str(opt["type"]).lower() not in OPTIMIZER_TYPES:
-            raise ConfigError(f"optimizer.type {opt['type']!r} is not supported by LOMOTrainer: set it to \"LOMO\" "
-                              "or \"AdaLomo\" (or use transformers.Trainer for DeepSpeed's own optimizers)")
-        stated.append(("optimizer.type", "optimizer", OPTIMIZER_TYPES[str(opt["type"]).lower()]))
-        stated += _stated(_block(opt, "params", "optimizer.params", '{"lr": "auto"}'), "optimizer.params",
-                          OPTIMIZER_PARAMS)
-    given = _merge(stated)
-
+# ---------------------------------------------------------------- the checks, one concern each
+def _accumulation_steps(ds: dict, args) -> int:
+    """TrainingArguments' gradient_accumulation_steps, which the JSON may restate."""
     args_gas = _integer("gradient_accumulation_steps (TrainingArguments)", args.gradient_accumulation_steps,
                         auto=False)
     gas = _auto(_integer("gradient_accumulation_steps", ds.get("gradient_accumulation_steps", "auto")), args_gas)
     if gas != args_gas:
         raise ConfigError(f"gradient_accumulation_steps={gas} in the DeepSpeed config but TrainingArguments."
                           f"gradient_accumulation_steps={args_gas}: set one to match or use \"auto\"")
+    return gas
 
+
+def _check_engine(ds: dict, args, gas: int) -> list[str]:
+    """What DeepSpeed's engine is built with: ZeRO stage 3 (the partitioned update), the batch keys, offload.
+    Returns the warnings."""
     zero = _block(ds, "zero_optimization", example='{"stage": 3}')
-    stage = zero.get("stage", 0) if ds_config is not None else None
-    if ds_config is not None and stage != 3:
-        raise ConfigError(f"zero_optimization.stage={stage!r}: LOMOTrainer's partitioned update needs stage 3 "
-                          "(or run without a DeepSpeed config)")
-    warnings = []
-    if ds_config is not None:
-        _check_batch(ds, args, gas)
-        off_param = _block(zero, "offload_param", "zero_optimization.offload_param", '{"device": "cpu"}')
-        off_opt = _block(zero, "offload_optimizer", "zero_optimization.offload_optimizer", '{"device": "none"}')
-        if off_param.get("device", "none") not in ("cpu", "none"):
-            raise ConfigError(f"zero_optimization.offload_param.device={off_param['device']!r} is not supported: "
-                              "use 'cpu' or 'none'")
-        if off_opt.get("device", "none") != "none":
-            warnings.append("zero_optimization.offload_optimizer is ignored: LOMO keeps no optimizer state")
+    if zero.get("stage", 0) != 3:
+        raise ConfigError(f"zero_optimization.stage={zero.get('stage', 0)!r}: LOMOTrainer's partitioned update needs "
+                          "stage 3 (or run without a DeepSpeed config)")
+    _check_batch(ds, args, gas)
+    off_param = _block(zero, "offload_param", "zero_optimization.offload_param", '{"device": "cpu"}')
+    off_opt = _block(zero, "offload_optimizer", "zero_optimization.offload_optimizer", '{"device": "none"}')
+    if off_param.get("device", "none") not in ("cpu", "none"):
+        raise ConfigError(f"zero_optimization.offload_param.device={off_param['device']!r} is not supported: "
+                          "use 'cpu' or 'none'")
+    if off_opt.get("device", "none") != "none":
+        return ["zero_optimization.offload_optimizer is ignored: LOMO keeps no optimizer state"]
+    return []
 
+
+def _check_batch(ds: dict, args, gas: int) -> None:
+    """The batch keys against the arguments; the world size is known before the process group only from the
+    launcher's WORLD_SIZE (engine_config checks again once it is certain)."""
+    per_device = _integer("per_device_train_batch_size", getattr(args, "per_device_train_batch_size", 1), auto=False)
+    micro = _auto(_integer("train_micro_batch_size_per_gpu", ds.get("train_micro_batch_size_per_gpu", "auto")),
+                  per_device)
+    if micro != per_device:
+        raise ConfigError(f"train_micro_batch_size_per_gpu={micro} but TrainingArguments.per_device_train_batch_size="
+                          f"{per_device}: set one to match or use \"auto\"")
+    total = _integer("train_batch_size", ds.get("train_batch_size", "auto"))
+    world = os.environ.get("WORLD_SIZE", "")
+    if total != "auto" and world.isdigit() and total != micro * int(world) * gas:
+        raise ConfigError(f"train_batch_size={total} but micro batch {micro} x {world} processes x {gas} "
+                          f"accumulation steps = {micro * int(world) * gas}: set it to \"auto\"")
+
+
+def _precision(ds: dict, args, deepspeed: bool) -> tuple[dict | None, bool]:
+    """(the fp16 loss-scaler settings, or None; bf16): the JSON's fp16/bf16 blocks against --fp16/--bf16, and
+    against what the device supports."""
     fp16_block = _block(ds, "fp16", example='{"enabled": "auto"}')
     bf16_block = _block(ds, "bf16", example='{"enabled": "auto"}')
     for key, block, flag in (("fp16", fp16_block, args.fp16), ("bf16", bf16_block, args.bf16)):
         enabled = block.get("enabled", "auto")
         if enabled != "auto" and not isinstance(enabled, bool):
             raise ConfigError(f'{key}.enabled must be true, false or "auto", got {json.dumps(enabled)}')
-        if ds_config is not None and enabled != "auto" and enabled != bool(flag):
+        if deepspeed and enabled != "auto" and enabled != bool(flag):
             raise ConfigError(f"{key}.enabled={enabled} in the DeepSpeed config but TrainingArguments.{key}={flag}: "
                               "set one to match or use \"auto\"")
     fp16, bf16 = bool(args.fp16), bool(args.bf16)  # equal to the blocks' "enabled" after the check above
     if fp16 and bf16:
         raise ConfigError("fp16 and bf16 are both enabled: choose one (fp16.enabled / bf16.enabled, --fp16 / --bf16)")
-    unknown16 = set(fp16_block) - FP16_KEYS
-    if fp16 and unknown16:
-        raise ConfigError(f"fp16 has unknown key(s) {sorted(unknown16)}: allowed are {sorted(FP16_KEYS)}")
-    fp16_cfg = None
-    if fp16:
-        fp16_cfg = {**FP16_DEFAULTS, **{k: v for k, v in fp16_block.items() if k not in ("enabled", "auto_cast")}}
-        for key, value in fp16_cfg.items():
-            if key == "consecutive_hysteresis":
-                if not isinstance(value, bool):
-                    raise ConfigError(f"fp16.consecutive_hysteresis must be true or false, got {json.dumps(value)}")
-            else:
-                _number(f"fp16.{key}", value, allow_none=False)
-        from .loss_scaler import DynamicLossScaler
-
-        try:  # its own range checks, now rather than when LOMO is built after the engine
-            DynamicLossScaler.from_ds_config(fp16_cfg)
-        except ValueError as e:
-            raise ConfigError(f"{e}: fix the DeepSpeed config's fp16 block") from None
-    if ds_config is not None:
+    fp16_cfg = _loss_scaling(fp16_block) if fp16 else None
+    if deepspeed:
         _check_device_dtype(fp16, bf16)
+    return fp16_cfg, bf16
 
-    def restated(key, check):
-        """A TrainingArguments value, which a LOMO source may restate (DeepSpeed's and HF's rule for "auto")."""
-        home = RESTATED[key]
-        value = check(home, getattr(args, home))
+
+def _loss_scaling(block: dict) -> dict:
+    """The fp16 block's loss-scaler keys, DeepSpeed's defaults filled in; the scaler's own dataclass checks the
+    ranges now rather than when LOMO is built after the engine."""
+    unknown = set(block) - FP16_KEYS
+    if unknown:
+        raise ConfigError(f"fp16 has unknown key(s) {sorted(unknown)}: allowed are {sorted(FP16_KEYS)}")
+    cfg = {**FP16_DEFAULTS, **{k: v for k, v in block.items() if k not in ("enabled", "auto_cast")}}
+    for key, value in cfg.items():
+        if key == "consecutive_hysteresis":
+            if not isinstance(value, bool):
+                raise ConfigError(f"fp16.consecutive_hysteresis must be true or false, got {json.dumps(value)}")
+        else:
+            _number(f"fp16.{key}", value, allow_none=False)
+    try:
+        DynamicLossScaler.from_ds_config(cfg)
+    except ValueError as e:
+        raise ConfigError(f"{e}: fix the DeepSpeed config's fp16 block") from None
+    return cfg
+
+
+def _check_device_dtype(fp16: bool, bf16: bool) -> None:
+    """DeepSpeed refuses a dtype its accelerator lacks only inside deepspeed.initialize (engine._do_sanity_check),
+    after the process group: ask the same gate now. Asked at every call, never cached: tests patch it."""
+    if not (fp16 or bf16):
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if fp16 and not accelerator.is_fp16_supported():
+        raise ConfigError(f"fp16 is enabled but this device ({accelerator.device_name()}) has no fp16 support in "
+                          "DeepSpeed: use bf16 (--bf16 true) or fp32 (--fp16 false)")
+    if bf16 and not accelerator.is_bf16_supported():
+        raise ConfigError(f"bf16 is enabled but this device ({accelerator.device_name()}) has no bf16 support in "
+                          "DeepSpeed: use fp16 (--fp16 true) or fp32 (--bf16 false)")
+
+
+def _training_values(given: dict, args) -> dict:
+    """lr, weight_decay, clip_grad_norm and seed: TrainingArguments' values, which a LOMO source may only restate
+    ("auto" or the same value: DeepSpeed's and HF's rule)."""
+    checks = {"lr": lambda k, v: _number(k, v, allow_none=False),
+              "weight_decay": lambda k, v: _number(k, v, allow_none=False),
+              "clip_grad_norm": _number, "seed": lambda k, v: _integer(k, v, minimum=0, auto=False)}
+    values = {}
+    for key, home in RESTATED.items():
+        values[key] = checks[key](home, getattr(args, home))
         if key in given:
-            name, stated_value = given[key]
-            if _differ(check(name, stated_value), value, key):
-                raise ConfigError(f"{name}={stated_value} but TrainingArguments.{home}={value}: set one to match or "
+            name, stated = given[key]
+            if _differ(checks[key](name, stated), values[key], key):
+                raise ConfigError(f"{name}={stated} but TrainingArguments.{home}={values[key]}: set one to match or "
                                   "use \"auto\"")
-        return value
+    values["clip_grad_norm"] = values["clip_grad_norm"] or None  # 0 turns norm clipping off
+    return values
 
-    lr = restated("lr", lambda k, v: _number(k, v, allow_none=False))
-    wd = restated("weight_decay", lambda k, v: _number(k, v, allow_none=False))
-    clip_norm = restated("clip_grad_norm", _number)
-    seed = restated("seed", lambda k, v: _integer(k, v, minimum=0, auto=False))
-    lomo = {key: given.get(key, (key, default))[1] for key, default in LOMO_DEFAULTS.items()}
+
+def _own_settings(given: dict, gas: int, train_dtype: str) -> dict:
+    """LOMOArguments' fields as LOMOSettings holds them: each stated value, else its default, checked against the
+    optimizer, the gradient buffer (gradient accumulation or clip_mode "buffered") and the training dtype."""
+    lomo = {key: given.get(key, (key, default))[1] for key, default in DEFAULTS.items()}
     if lomo["optimizer"] != "adalomo":
         for key in ADALOMO_FIELDS:
             if key in given:
@@ -489,39 +466,73 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
     if acc_dtype is not None and not buffered:
         raise ConfigError(f"{given['accumulation_dtype'][0]}={acc_dtype!r} but gradient_accumulation_steps=1 and "
                           "clip_mode is not \"buffered\": there is no gradient buffer; remove it")
-    train_dtype = "fp16" if fp16 else "bf16" if bf16 else "fp32"
     if acc_dtype not in (None, "fp32", train_dtype):
         raise ConfigError(f"{given['accumulation_dtype'][0]}={acc_dtype!r} but the weights train in {train_dtype}: "
                           f"use \"fp32\" or \"{train_dtype}\" (another 16-bit type loses range or precision)")
-    if lomo["stochastic_rounding"] and not bf16:
+    if lomo["stochastic_rounding"] and train_dtype != "bf16":
         raise ConfigError(f"{given['stochastic_rounding'][0]} needs bf16 weights: enable bf16 or remove it")
+    lomo["accumulation_dtype"] = (acc_dtype or "fp32") if buffered else None
+    lomo["lora"] = None if lomo["lora"] is None else check_block(lomo["lora"])
+    lomo["adalomo"] = dict(clip_threshold=lomo.pop("clip_threshold"), decay_rate=lomo.pop("decay_rate"),
+                           eps=(lomo.pop("eps1"), lomo.pop("eps2")))  # AdaLomo's constructor arguments
+    return lomo
 
+
+def _scheduler(ds: dict, args, lr: float) -> dict | None:
+    """The JSON's scheduler block, checked: it owns the schedule."""
     scheduler = ds.get("scheduler")
-    if scheduler is not None:
-        if not isinstance(scheduler, dict):
-            raise ConfigError(f"scheduler must be a JSON object like {{\"type\": \"WarmupDecayLR\", \"params\": {{...}}}}"
-                              f", got {json.dumps(scheduler)}")
-        _check_scheduler(scheduler, lr)
-        _check_one_schedule(scheduler, args)
-
-    return LOMOSettings(lr=lr, weight_decay=wd, clip_grad_norm=clip_norm or None,
-                        clip_grad_value=lomo["clip_grad_value"], clip_mode=lomo["clip_mode"],
-                        stochastic_rounding=lomo["stochastic_rounding"], seed=seed, fp16=fp16_cfg, bf16=bf16,
-                        scheduler=scheduler, max_consecutive_skips=lomo["max_consecutive_skips"],
-                        optimizer=lomo["optimizer"],
-                        adalomo=dict(clip_threshold=lomo["clip_threshold"], decay_rate=lomo["decay_rate"],
-                                     eps=(lomo["eps1"], lomo["eps2"])),
-                        gradient_accumulation_steps=gas, accumulation_dtype=(acc_dtype or "fp32") if buffered else None,
-                        check_memory=lomo["check_memory"], warnings=warnings,
-                        lora=_lora_settings(lomo["lora"]))
-
-
-def _lora_settings(block):
-    if block is None:
+    if scheduler is None:
         return None
-    from .lora import check_block
+    if not isinstance(scheduler, dict):
+        raise ConfigError(f"scheduler must be a JSON object like {{\"type\": \"WarmupDecayLR\", \"params\": {{...}}}}"
+                          f", got {json.dumps(scheduler)}")
+    _check_scheduler(scheduler, lr)
+    _check_one_schedule(scheduler, args)
+    return scheduler
 
-    return check_block(block)
+
+def _check_scheduler(scheduler: dict, lr: float) -> None:
+    """DeepSpeed scheduler params: known keys, numbers (or "auto"), and a peak lr that agrees with the lr."""
+    kind = scheduler.get("type")
+    if kind not in SCHEDULER_PARAMS:
+        raise ConfigError(f"scheduler.type {kind!r} is not supported: use one of {sorted(SCHEDULER_PARAMS)}, or drop "
+                          "the block and set lr_scheduler_type in TrainingArguments")
+    params = _block(scheduler, "params", "scheduler.params")
+    unknown = set(params) - SCHEDULER_PARAMS[kind]
+    if unknown:
+        raise ConfigError(f"scheduler.params has unknown key(s) {sorted(unknown)} for {kind}: allowed are "
+                          f"{sorted(SCHEDULER_PARAMS[kind])}")
+    for key, value in params.items():
+        name = f"scheduler.params.{key}"
+        if key == "warmup_type":
+            if value not in ("log", "linear", "auto"):
+                raise ConfigError(f"{name}={value!r}: use \"log\" or \"linear\"")
+        elif key in ("warmup_num_steps", "total_num_steps"):
+            _integer(name, value, minimum=0)
+        elif key == "last_batch_iteration":
+            _integer(name, value, minimum=-1, auto=False)
+        elif value != "auto":
+            _number(name, value, allow_none=False)
+    peak = params.get("warmup_max_lr", "auto")
+    if peak != "auto" and not math.isclose(peak, lr):
+        raise ConfigError(f"scheduler.params.warmup_max_lr={peak} but the optimizer lr is {lr}: "
+                          "set one to match or use \"auto\"")
+
+
+def _check_one_schedule(scheduler: dict, args) -> None:
+    """A scheduler block owns the schedule: TrainingArguments may restate it, never contradict it. Its defaults
+    (lr_scheduler_type "linear", no warmup) cannot be told from values given on purpose, so they pass."""
+    kind = scheduler["type"]
+    hf = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    if hf not in ("linear", HF_EQUIVALENT[kind]) or args.lr_scheduler_kwargs:
+        given = f"lr_scheduler_type={hf}" + (" with lr_scheduler_kwargs" if args.lr_scheduler_kwargs else "")
+        raise ConfigError(f"scheduler.type={kind} in the DeepSpeed config but TrainingArguments.{given}: the schedule "
+                          "has one home, drop the scheduler block or lr_scheduler_type (and lr_scheduler_kwargs)")
+    steps = (scheduler.get("params") or {}).get("warmup_num_steps", "auto")
+    warmup = args.warmup_steps or getattr(args, "warmup_ratio", 0)
+    if steps != "auto" and warmup and steps != warmup:
+        raise ConfigError(f"scheduler.params.warmup_num_steps={steps} in the DeepSpeed config but TrainingArguments."
+                          f"warmup_steps={warmup}: keep one (warmup_num_steps \"auto\" takes warmup_steps)")
 
 
 def engine_config(ds_config: dict, args, world_size: int, model=None) -> dict:
@@ -555,8 +566,6 @@ def engine_config(ds_config: dict, args, world_size: int, model=None) -> dict:
                 cfg[key]["auto_cast"] = block["auto_cast"]
     zero = cfg.setdefault("zero_optimization", {})
     if model is not None:  # "auto" gathering limits: per-rank memory that falls with the GPU count (gathering.py)
-        from .gathering import device_memory_bytes, fill_auto, model_numels
-
         d = 2 if any((cfg.get(k) or {}).get("enabled") for k in ("fp16", "bf16")) else 4
         zero.update(fill_auto(zero, model_numels(model), world_size, d, device_memory_bytes()))
     for key, value in list(zero.items()):
@@ -565,3 +574,14 @@ def engine_config(ds_config: dict, args, world_size: int, model=None) -> dict:
     # save_model gathers the weights itself; this only keeps DeepSpeed's own save path consistent
     zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     return cfg
+
+
+# LOMOTrainer keywords folded into lomo_args: refused by name, with the replacement, rather than Trainer's TypeError
+REMOVED_KEYWORDS = {"lomo_config": "lomo_args=LOMOArguments(...) with the same keys",
+                    "max_consecutive_skips": "lomo_args=LOMOArguments(max_consecutive_skips=...)"}
+
+
+def refuse_removed_keywords(kwargs: dict) -> None:
+    for key in REMOVED_KEYWORDS:
+        if key in kwargs:
+            raise ConfigError(f"LOMOTrainer({key}=...) was removed: pass {REMOVED_KEYWORDS[key]}")

@@ -30,9 +30,10 @@ from transformers.trainer_utils import SaveStrategy, TrainOutput, speed_metrics
 
 from . import _hf, _zero, checkpoint, lora
 from .checkpoint import LOMO_STATE, PREFIX as CKPT_PREFIX, SCHEDULER, TRAINER_STATE, last_checkpoint  # noqa: F401
-from .config import LOMOArguments, engine_config, load_json, validate
+from .config import LOMOArguments, engine_config, load_json, refuse_removed_keywords, validate
 from .errors import ConfigError, TrainingDiverged
 from .optim import LOMO, all_finite
+from .optim.factory import build_optimizer
 from .schedulers import deepspeed_scheduler
 
 logger = logging.getLogger(__name__)
@@ -57,19 +58,17 @@ def _barrier() -> None:
 
 
 class LOMOTrainer(Trainer):
-    """An HF Trainer whose optimizer is LOMO. ``lomo_args`` (LOMOArguments, or a dict of the JSON's
-    ``optimizer.params`` keys) gives LOMO's own settings; ``lomo_config`` and ``max_consecutive_skips`` are the
-    older keywords for them, still accepted."""
+    """An HF Trainer whose optimizer is LOMO. ``lomo_args`` (LOMOArguments, or a dict of its fields) gives LOMO's
+    own settings."""
 
-    def __init__(self, model=None, args=None, *pos, lomo_args: LOMOArguments | dict | None = None,
-                 lomo_config: dict | None = None, max_consecutive_skips: int | None = None, **kwargs):
+    def __init__(self, model=None, args=None, *pos, lomo_args: LOMOArguments | dict | None = None, **kwargs):
+        refuse_removed_keywords(kwargs)
         if args is None:
             raise ConfigError("LOMOTrainer needs TrainingArguments (args=...)")
         if kwargs.get("optimizers", (None, None)) != (None, None):
             raise ConfigError("optimizers=(...) cannot be combined with LOMOTrainer: LOMO is the optimizer")
         self._ds_config = load_json(args.deepspeed) if args.deepspeed else None
-        self.lomo_settings = validate(self._ds_config, args, lomo_args, lomo_config=lomo_config,
-                                      max_consecutive_skips=max_consecutive_skips)  # before any process group
+        self.lomo_settings = validate(self._ds_config, args, lomo_args)  # before any process group
         for message in self.lomo_settings.warnings:
             logger.warning(message)
         # LOMO + LoRA: a lora block, or a peft LoRA model passed in; the base weights become trainable (LOMO's)
@@ -99,7 +98,7 @@ class LOMOTrainer(Trainer):
                 engine, *_ = deepspeed.initialize(model=self.model, config=cfg)
                 self.model_wrapped = self.deepspeed = engine
                 _hf.register_engine(self.accelerator, engine)
-            self.optimizer = s.optimizer_class()(engine, **s.optimizer_kwargs(), **self._adapter_kwargs())
+            self.optimizer = build_optimizer(s, engine, **self._adapter_kwargs())
             model = engine
         else:
             if s.fp16 is not None:  # no fp32 master copy: weights live in the training dtype, as under DeepSpeed
@@ -107,7 +106,7 @@ class LOMOTrainer(Trainer):
             elif s.bf16:
                 self.model.to(torch.bfloat16)
             self.model.to(args.device)
-            self.optimizer = s.optimizer_class()(self.model, **s.optimizer_kwargs(), **self._adapter_kwargs())
+            self.optimizer = build_optimizer(s, self.model, **self._adapter_kwargs())
             model = self.model_wrapped = self.model
         if s.scheduler is not None:
             self.lr_scheduler = deepspeed_scheduler(s.scheduler, self.optimizer, max_steps, args)

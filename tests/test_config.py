@@ -10,6 +10,7 @@ import torch
 from lomo_trainer.cli import main, parse
 from lomo_trainer.errors import ConfigError
 from lomo_trainer.config import LOMOArguments, engine_config, load_json, validate
+from lomo_trainer.optim.factory import build_optimizer, optimizer_kwargs
 from lomo_trainer.schedulers import deepspeed_scheduler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,12 +175,10 @@ def test_train_batch_size_is_checked_at_start_up_when_the_launcher_set_world_siz
 def test_gradient_accumulation_buffers_and_deepspeed_sees_one_micro_step():
     """gas > 1 (TrainingArguments, the JSON "auto"): LOMO gets a buffer (fp32 unless told), DeepSpeed gets
     gradient_accumulation_steps 1 and one micro-step's train_batch_size (it never sees a gradient)."""
-    from lomo_trainer.optim import LOMO
-
     cfg = {**ZERO3, "gradient_accumulation_steps": "auto", "train_batch_size": 16}
     s = validate(cfg, targs(gradient_accumulation_steps=4))
     assert (s.gradient_accumulation_steps, s.accumulation_dtype) == (4, "fp32")
-    opt = LOMO(torch.nn.Linear(2, 2), **s.optimizer_kwargs())
+    opt = build_optimizer(s, torch.nn.Linear(2, 2))
     assert opt.buffered and opt.buffer_dtype == torch.float32 and not opt.needs_norm_pass
     engine = engine_config(cfg, targs(gradient_accumulation_steps=4), world_size=2)
     assert (engine["gradient_accumulation_steps"], engine["train_batch_size"]) == (1, 4)
@@ -187,23 +186,21 @@ def test_gradient_accumulation_buffers_and_deepspeed_sees_one_micro_step():
         engine_config(cfg, targs(gradient_accumulation_steps=2), world_size=2)
     # the training dtype halves the buffer; clip_mode "buffered" keeps one at a single step (global clipping, 1 pass)
     s = validate(ZERO3, targs(bf16=True, gradient_accumulation_steps=2), LOMOArguments(accumulation_dtype="bf16"))
-    assert s.optimizer_kwargs()["buffer_dtype"] == torch.bfloat16
+    assert optimizer_kwargs(s)["buffer_dtype"] == torch.bfloat16
     s = validate(ZERO3, targs(), LOMOArguments(clip_mode="buffered"))
-    kwargs = s.optimizer_kwargs()
+    kwargs = optimizer_kwargs(s)
     assert (kwargs["accumulate"], kwargs["clip_mode"], s.gradient_accumulation_steps) == (True, "global", 1)
-    assert validate(ZERO3, targs()).optimizer_kwargs()["accumulate"] is False  # no buffer unless asked
+    assert optimizer_kwargs(validate(ZERO3, targs()))["accumulate"] is False  # no buffer unless asked
 
 
 def test_fp16_flag_without_fp16_block_trains_in_fp16():
     """--fp16 true with a DeepSpeed JSON that has no fp16 block: the block counts as {"enabled": "auto"}, so
     DeepSpeed gets fp16 enabled and LOMO gets a loss scaler (it used to train in fp32, silently)."""
-    from lomo_trainer.optim import LOMO
-
     settings = validate(ZERO3, targs(fp16=True))
     assert settings.fp16 and settings.fp16["initial_scale_power"] == 16
     assert engine_config(ZERO3, targs(fp16=True), world_size=1)["fp16"] == {"enabled": True}
     assert "fp16" not in engine_config(ZERO3, targs(), world_size=1)
-    assert LOMO(torch.nn.Linear(2, 2).half(), **settings.optimizer_kwargs()).loss_scaler is not None
+    assert build_optimizer(settings, torch.nn.Linear(2, 2).half()).loss_scaler is not None
     # a block without "enabled" is "auto" too, and keeps its scaler settings
     cfg = {**ZERO3, "fp16": {"initial_scale_power": 8}}
     assert validate(cfg, targs(fp16=True)).fp16["initial_scale_power"] == 8
@@ -343,11 +340,10 @@ def test_scheduler_is_deepspeeds_own_with_plain_state():
     (dict(lomo_args=LOMOArguments(clip_mode="per_param")), r"clip_mode='per_param' but optimizer.params.clip_mode="
                                                            r"'global': one setting given in two places, keep one"),
     (dict(lomo_args={"clip_mode": "per_param"}), r"lomo_args.clip_mode='per_param' but optimizer.params.clip_mode"),
-    (dict(lomo_args=LOMOArguments(max_consecutive_skips=3), max_consecutive_skips=4),
-     "max_consecutive_skips=3 but max_consecutive_skips=4"),
     (dict(lomo_args=LOMOArguments(stochastic_rounding=True)), r"^stochastic_rounding needs bf16 weights"),
-    (dict(lomo_config={"clip_grad_value": -1}), "lomo_config.clip_grad_value must be > 0, got -1"),
-    (dict(lomo_config=[1]), "lomo_config must be a JSON object of optimizer.params keys, got list"),
+    (dict(lomo_args={"clip_grad_value": -1}), "lomo_args.clip_grad_value must be > 0, got -1"),
+    (dict(lomo_args=[1]), r"lomo_args must be LOMOArguments\(...\) or a dict of its fields, got list"),
+    (dict(lomo_args={"lr": 0.1}), r"lomo_args has unknown key\(s\) \['lr'\]: allowed are \['accumulation_dtype'"),
 ])
 def test_lomo_setting_in_two_places_is_refused_naming_both(sources, message):
     cfg = {**ZERO3, "optimizer": {"type": "LOMO", "params": {"clip_mode": "global"}}}
@@ -357,12 +353,13 @@ def test_lomo_setting_in_two_places_is_refused_naming_both(sources, message):
 
 
 def test_lomo_arguments_one_schema_for_every_source():
-    """The same settings from LOMOArguments, the DeepSpeed JSON, the old lomo_config dict and the old keyword."""
+    """The same settings from LOMOArguments, the DeepSpeed JSON and a dict of LOMOArguments fields."""
     wanted = dict(clip_grad_value=0.5, clip_mode="per_param", stochastic_rounding=True)
     args = targs(bf16=True)
     for cfg, sources in [(ZERO3, dict(lomo_args=LOMOArguments(**wanted, max_consecutive_skips=3))),
-                         ({**ZERO3, "optimizer": {"type": "LOMO", "params": wanted}}, dict(max_consecutive_skips=3)),
-                         (None, dict(lomo_config={**wanted, "lr": "auto", "max_consecutive_skips": 3})),
+                         ({**ZERO3, "optimizer": {"type": "LOMO", "params": wanted}},
+                          dict(lomo_args=LOMOArguments(max_consecutive_skips=3))),
+                         (None, dict(lomo_args={**wanted, "max_consecutive_skips": 3})),
                          (ZERO3, dict(lomo_args={**wanted, "max_consecutive_skips": 3}))]:
         s = validate(cfg, args, **sources)
         assert (s.clip_grad_value, s.clip_mode, s.stochastic_rounding, s.max_consecutive_skips) == (0.5, "per_param",
@@ -372,6 +369,19 @@ def test_lomo_arguments_one_schema_for_every_source():
             defaults.max_consecutive_skips) == (None, "global", False, 5)
     with pytest.raises(ConfigError, match=r"^max_consecutive_skips must be an integer >= 1, got 0$"):
         LOMOArguments(max_consecutive_skips=0)
+
+
+@pytest.mark.parametrize("keyword, replacement", [
+    ("lomo_config", r"lomo_args=LOMOArguments\(...\) with the same keys"),
+    ("max_consecutive_skips", r"lomo_args=LOMOArguments\(max_consecutive_skips=...\)"),
+])
+def test_removed_trainer_keywords_name_their_replacement(keyword, replacement):
+    """LOMOTrainer's old keywords are gone (LOMOArguments is the one schema): one line naming what to pass."""
+    from lomo_trainer.trainer import LOMOTrainer
+
+    with pytest.raises(ConfigError, match=rf"^LOMOTrainer\({keyword}=...\) was removed: pass {replacement}$") as info:
+        LOMOTrainer(args=targs(), **{keyword: 3})
+    assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------- AdaLomo (issue 13)
@@ -384,14 +394,14 @@ def test_adalomo_from_the_deepspeed_json_and_from_lomo_arguments():
     from lomo_trainer.optim import AdaLomo
 
     s = validate(ADALOMO, targs())
-    assert s.optimizer == "adalomo" and s.optimizer_class() is AdaLomo
-    assert s.optimizer_kwargs()["clip_threshold"] == 0.5 and s.optimizer_kwargs()["eps"] == (1e-20, 1e-3)
-    assert s.optimizer_kwargs()["decay_rate"] == -0.7
+    assert s.optimizer == "adalomo" and type(build_optimizer(s, torch.nn.Linear(2, 2))) is AdaLomo
+    assert optimizer_kwargs(s)["clip_threshold"] == 0.5 and optimizer_kwargs(s)["eps"] == (1e-20, 1e-3)
+    assert optimizer_kwargs(s)["decay_rate"] == -0.7
     s = validate(ZERO3 | {"optimizer": {"type": "adalomo"}}, targs())
-    assert s.optimizer == "adalomo" and s.optimizer_kwargs()["clip_threshold"] == 1.0
+    assert s.optimizer == "adalomo" and optimizer_kwargs(s)["clip_threshold"] == 1.0
     s = validate(None, targs(), LOMOArguments(optimizer="AdaLomo", decay_rate=-0.5))
-    assert s.optimizer == "adalomo" and s.optimizer_kwargs()["decay_rate"] == -0.5
-    assert "clip_threshold" not in validate(ZERO3, targs()).optimizer_kwargs()  # LOMO gets LOMO's arguments
+    assert s.optimizer == "adalomo" and optimizer_kwargs(s)["decay_rate"] == -0.5
+    assert "clip_threshold" not in optimizer_kwargs(validate(ZERO3, targs()))  # LOMO gets LOMO's arguments
 
 
 @pytest.mark.parametrize("cfg, sources, message", [

@@ -13,7 +13,8 @@ from distributed import run_ranks
 from lomo_trainer import LOMO
 from lomo_trainer.optim import AdaLomo
 from lomo_trainer.errors import ConfigError
-from lomo_trainer.lora import adapter_parameters, check_block, prepare_model
+from lomo_trainer.lora import adapter_parameters, prepare_model
+from lomo_trainer.lora_config import check_block
 from models import VOCAB, batch, tiny_llama
 
 pytest.importorskip("peft")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import _zero
-from ..lora import check_optimizer
+from ..lora_config import check_optimizer
 from .rules import UpdateRule
 from .tensors import all_finite
 

@@ -136,7 +136,7 @@ def results_header(args, run, targs_kwargs, lomo, method, n_train, n_eval) -> di
                "config": args.config,  # None for zero-shot --model
                "learning_rate": None if method == "zero-shot" else targs_kwargs["learning_rate"], "tasks": {}}
     if method in ("lora", "lomo-lora"):
-        from ..lora import check_block
+        from ..lora_config import check_block
 
         block = check_block(lora_block(targs_kwargs, lomo))
         results["lora"] = {**block["config"], "lr": block["optimizer"]["params"].get("lr") if method == "lomo-lora"

@@ -71,7 +71,7 @@ def _build_trainer(method, model, targs, train_data, tokenizer, opts, lomo, rank
         from peft import LoraConfig, get_peft_model
         from transformers import Trainer
 
-        from ..lora import check_block
+        from ..lora_config import check_block
 
         model = get_peft_model(model, LoraConfig(**check_block(lomo.lora)["config"]))
         if targs.process_index == 0:
