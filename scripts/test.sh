@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite: sets up .venv (scripts/setup.sh) and runs pytest on CPU. A few minutes on two cores.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k zero3 -x`.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k zero3 -x`; the fast lane (no forked ranks, no
+# whole-command runs, under a minute): `bash scripts/test.sh -m "not multirank and not slow"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

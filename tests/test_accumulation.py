@@ -170,18 +170,21 @@ def check(world, rule, opts, steps=2, rtol=2e-5, **kw):
     return log
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_k_micro_steps_equal_one_big_batch_sgd(world):
     log = check(world, "sgd", dict(lr=0.5, weight_decay=0.1))
     assert all(e["calls"] == K and e["buffers_zero"] and e["micro_steps"] == K for e in log), log
 
 
+@pytest.mark.multirank
 def test_global_clipping_from_the_buffer_needs_one_backward_per_micro_step():
     log = check(2, "sgd", dict(lr=0.5, clip_grad_norm=0.3))
     assert all(e["calls"] == K for e in log), "the norm must come from the buffer, not a second backward"
     assert all(e["norm"] > 0.3 for e in log), "the clip threshold must bind for this test to mean anything"
 
 
+@pytest.mark.multirank
 def test_buffered_clipping_at_one_accumulation_step():
     # one micro-step per step: the buffer only buys one backward instead of two for global clipping
     params, log = run_ranks(train, 2, "sgd", dict(lr=0.5, clip_grad_norm=0.3), 2, 1)[0]
@@ -192,12 +195,14 @@ def test_buffered_clipping_at_one_accumulation_step():
         assert (params[name] - expected).abs().max().item() <= 2e-6 * (1 + expected.abs().max().item()), name
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world", [2, 3])
 def test_adalomo_from_the_buffer_with_clipping(world):
     log = check(world, "adalomo", dict(lr=0.05, weight_decay=0.1, clip_grad_norm=0.3))
     assert all(e["calls"] == K for e in log)
 
 
+@pytest.mark.multirank
 def test_fp16_overflow_in_one_micro_step_skips_the_whole_step_and_clears_the_buffer():
     # step 1's middle micro-step overflows on rank 0 only; hysteresis 1 halves the scale per overflow
     fp16 = {"initial_scale_power": 12, "hysteresis": 1, "loss_scale_window": 100}
@@ -242,6 +247,7 @@ def train_skipping(rank, world, opts, fp16):
 
 
 # ---------------------------------------------------------------- mutations the tests above must see
+@pytest.mark.multirank
 @pytest.mark.parametrize("sabotage", ["keep_buffer", "drop_last_add"])
 def test_mutations_are_seen(sabotage):
     with pytest.raises(AssertionError, match="off by"):

@@ -143,32 +143,38 @@ def check_zero3(kind, world, opts, **kw):
     assert_close(params, ref, init)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_zero3_adalomo_matches_reference_tied_llama(world):
     check_zero3("llama", world, dict(lr=0.05, weight_decay=0.1))
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world", [3, 4])
 def test_zero3_adalomo_padding_over_ranks_batched_matrices_clip_norm(world):
     # clip_threshold 0.5 binds (the update's RMS is ~1), so the grouped normalisation is exercised
     check_zero3("odd", world, dict(lr=0.05, weight_decay=0.01, clip_grad_norm=0.3, clip_threshold=0.5))
 
 
+@pytest.mark.multirank
 def test_zero3_adalomo_clip_value_and_slices():
     # slices of 7 elements: partial rows within one rank's span, the statistics summed piece by piece
     check_zero3("odd", 2, dict(lr=0.05, clip_grad_value=0.01, clip_threshold=0.5), chunk=7)
 
 
+@pytest.mark.multirank
 def test_zero3_adalomo_per_param_clipping():
     check_zero3("odd", 2, dict(lr=0.05, clip_grad_norm=0.05, clip_mode="per_param"))
 
 
+@pytest.mark.multirank
 def test_mutation_partial_statistics_without_all_reduce_fail():
     """Rows/cols (and the RMS sums) left per rank: the reference test above must see it."""
     with pytest.raises(AssertionError, match="off by"):
         check_zero3("llama", 2, dict(lr=0.05, weight_decay=0.1), break_stats=True)
 
 
+@pytest.mark.multirank
 def test_zero3_bf16_stochastic_rounding_bounded():
     opts = dict(lr=0.05, stochastic_rounding=True)
     params = run_ranks(train_zero3, 2, "llama", opts, dtype="bf16")[0]
@@ -214,6 +220,7 @@ def train_fp16_overflow(rank, world):
     return log
 
 
+@pytest.mark.multirank
 def test_zero3_fp16_overflow_changes_neither_weights_nor_second_moments():
     log = run_ranks(train_fp16_overflow, 2)
     assert log[0] == log[1], "ranks disagree"
@@ -284,6 +291,7 @@ def train_resume(rank, world, split, steps=4):
         return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
 
 
+@pytest.mark.multirank
 def test_zero3_resume_is_bitwise_equal():
     straight = run_ranks(train_resume, 2, None)[0]
     resumed = run_ranks(train_resume, 2, 2)[0]

@@ -19,6 +19,7 @@ def report(tmp_path_factory):
     return rep, out
 
 
+@pytest.mark.slow
 def test_writes_md_json_png_with_all_modes(report):
     rep, out = report
     md = (out / "bench.md").read_text()
@@ -32,6 +33,7 @@ def test_writes_md_json_png_with_all_modes(report):
     assert "No warm-up" not in md
 
 
+@pytest.mark.slow
 def test_ratios_recomputed_from_json(report):
     _, out = report
     rows = json.loads((out / "bench.json").read_text())["rows"]
@@ -53,6 +55,7 @@ def data_n_params(out):
     return json.loads((out / "bench.json").read_text())["n_params"]
 
 
+@pytest.mark.slow
 def test_breakdown_reflects_each_optimizer(report):
     rows = report[0]["rows"]
     assert rows["lomo"]["optimizer_states_mib"] == 0 and rows["fwd_bwd"]["optimizer_states_mib"] == 0
@@ -107,6 +110,7 @@ def test_device_column_adds_the_context_to_reserved():
     assert row["device_peak_mib"] == 620 and row["peak_mib"] == 100
 
 
+@pytest.mark.slow
 def test_fp32_bench_measures_fp32(tmp_path):
     """DeepSpeed's zero.Init(dtype=torch.float32) builds bf16 on CPUs without fp16 support: the bench must not."""
     rep = bench.main(["--preset", "tiny", "--seq-len", "16", "--batch", "2", "--steps", "1", "--warmup", "1",
@@ -152,6 +156,7 @@ def _build_on_rank(rank, world):
             "partitioned": all(hasattr(p, "ds_tensor") for p in model.parameters())}
 
 
+@pytest.mark.multirank
 def test_model_is_built_partitioned_never_whole():
     """The 7B path's zero.Init: each rank holds half the bytes, and its RSS never grows by the whole model."""
     from distributed import run_ranks
@@ -187,6 +192,7 @@ def _comm_on_rank(rank, world):
             "unchanged": all(torch.equal(b, p.ds_tensor) for b, p in zip(before, params))}
 
 
+@pytest.mark.multirank
 def test_fwd_bwd_comm_reduces_every_gradient_and_updates_nothing():
     from distributed import run_ranks
 
@@ -195,6 +201,7 @@ def test_fwd_bwd_comm_reduces_every_gradient_and_updates_nothing():
         assert r["grads_left"] == 0 and r["unchanged"]
 
 
+@pytest.mark.slow
 def test_repeat_interleaves_rounds_and_reports_median_and_spread(tmp_path):
     import statistics
 
@@ -216,6 +223,7 @@ def test_repeat_interleaves_rounds_and_reports_median_and_spread(tmp_path):
     assert "No warm-up: the timed steps include the first" in md  # its peak is below the steady state's
 
 
+@pytest.mark.slow
 def test_modes_the_planner_says_do_not_fit_are_not_run(tmp_path):
     from lomo_trainer.bench.llama_shapes import PRESETS
 

@@ -1,4 +1,5 @@
 """The README's first command, shortened: lomo-train on the shipped default config, 2 ZeRO-3 CPU ranks."""
+import pytest
 import json
 import os
 
@@ -14,6 +15,7 @@ def run_default(rank, world, out):
                  "--max_eval_samples", "40", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1"])
 
 
+@pytest.mark.multirank
 def test_default_run_trains_saves_and_evaluates(tmp_path):
     out = str(tmp_path / "run")
     assert run_ranks(run_default, 2, out) == [0, 0]

@@ -84,6 +84,7 @@ def _assert_same_weights(stock, lomo):
         assert err <= 2e-6 * (1 + expected.abs().max().item()), f"{name}: off by {err:.2e}"
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world,zero3,clip,gas", [(1, False, 0.0, 1), (2, False, 0.0, 1), (2, True, 0.0, 1),
                                                   (2, True, 1.0, 1), (1, False, 0.0, 2), (2, False, 0.0, 2),
                                                   (2, True, 0.0, 3), (2, True, 1.0, 2)],
@@ -106,6 +107,7 @@ def test_same_weights_as_stock_sgd(tmp_path, world, zero3, clip, gas):
     assert "LOMO" in optimizer_line and "betas" not in ours["card"], optimizer_line
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world", [1, 2])
 def test_early_stopping_best_model_and_checkpoints_as_stock(tmp_path, world):
     stock = run_ranks(run, world, str(tmp_path / "stock"), False, early_stop=True)[0]
@@ -119,6 +121,7 @@ def test_early_stopping_best_model_and_checkpoints_as_stock(tmp_path, world):
     assert _kinds(stock["history"])["eval"] <= _kinds(ours["history"])["eval"]
 
 
+@pytest.mark.multirank
 def test_eval_on_start_and_save_best_as_stock(tmp_path):
     kw = dict(eval_on_start=True, eval_strategy="steps", eval_steps=2, save_strategy="best",
               metric_for_best_model="eval_loss", greater_is_better=False)
@@ -146,6 +149,7 @@ def card_after_mixed_evaluations(rank, world, out):
     return [sorted(h) for h in evals]
 
 
+@pytest.mark.multirank
 def test_model_card_after_plain_and_deepspeed_evaluations(tmp_path):
     evals = run_ranks(card_after_mixed_evaluations, 2, str(tmp_path))[0]
     assert len(evals) == 2 and os.path.isfile(tmp_path / "README.md")

@@ -29,6 +29,7 @@ def script(rank, world, out, lomo, max_steps, deepspeed=None):
     return results, files
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world", [1, 2])
 def test_hf_script_with_the_class_swapped(tmp_path, world):
     deepspeed = None

@@ -60,6 +60,7 @@ class Poison:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("victim", ["lomo_state_rank0.pt", "scheduler.pt"])
 def test_poisoned_state_file_runs_no_code(tmp_path, trained, victim):
     from lomo_trainer.checkpoint import write_manifest
@@ -77,6 +78,7 @@ def test_poisoned_state_file_runs_no_code(tmp_path, trained, victim):
     assert f"checkpoint-4/{victim} cannot be loaded as plain tensors and numbers" in line
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("damage", ["truncate-weights", "empty-trainer-state", "truncate-lomo-state"])
 def test_broken_latest_checkpoint_falls_back_to_the_previous(tmp_path, trained, damage, caplog):
     out = _copy(trained, tmp_path / "run")
@@ -103,6 +105,7 @@ def test_broken_latest_checkpoint_falls_back_to_the_previous(tmp_path, trained, 
     assert first == 3, "resumed from checkpoint-2, so step 3 is the first one run"
 
 
+@pytest.mark.multirank
 def test_resume_true_equals_uninterrupted_and_ignores_leftover_tmp(tmp_path, trained):
     import shutil
 
@@ -135,6 +138,7 @@ def lomo_resume_stock(rank, world, out, steps):
     return gathered_weights(trainer), trainer.state.global_step, lrs
 
 
+@pytest.mark.multirank
 def test_stock_trainer_checkpoint_resumes_weights_and_step(tmp_path):
     out = str(tmp_path)
     run_ranks(stock_trainer_run, 1, out)
@@ -161,6 +165,7 @@ def deepspeed_only_checkpoint(rank, world, out):
         trainer.train(resume_from_checkpoint=folder)
 
 
+@pytest.mark.multirank
 def test_deepspeed_only_checkpoint_is_named(tmp_path):
     run_ranks(deepspeed_only_checkpoint, 1, str(tmp_path))
 
@@ -175,6 +180,7 @@ def diverge(rank, world, out, clip):
     return str(err.value), trainer.state.global_step
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("clip", [0.0, 1.0], ids=["no-clip", "clip"])
 def test_divergence_stops_the_run_and_saves_nothing_non_finite(tmp_path, clip):
     (message, step), _ = run_ranks(diverge, 2, str(tmp_path), clip)
@@ -207,6 +213,7 @@ def nan_loss_from_step(rank, world, out, clip, bad_from):
     return str(err.value), skipped, trainer.state.global_step, finite
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("clip", [0.0, 1.0], ids=["one-pass", "norm-pass"])
 def test_non_finite_loss_is_skipped_counted_and_stops_the_run(tmp_path, clip):
     message, skipped, step, finite = run_ranks(nan_loss_from_step, 2, str(tmp_path), clip, 3)[0]
@@ -229,10 +236,12 @@ def save_nan(rank, world, out):
     return os.path.exists(os.path.join(out, "final"))
 
 
+@pytest.mark.multirank
 def test_non_finite_model_is_never_saved(tmp_path):
     assert run_ranks(save_nan, 2, str(tmp_path)) == [False, False]
 
 
+@pytest.mark.multirank
 def test_resume_on_another_world_size_warns_with_numbers(tmp_path, trained, caplog):
     out = _copy(trained, tmp_path / "run")
     caplog.set_level(logging.WARNING)

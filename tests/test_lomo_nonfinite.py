@@ -1,4 +1,5 @@
 """Non-finite values never reach the weights, in any precision, and every skip is counted (issues 9 and 15)."""
+import pytest
 import math
 
 import deepspeed
@@ -106,6 +107,7 @@ def train_nan_on_one_rank(rank, world, nan_step):
     return params, log, opt.skipped_steps
 
 
+@pytest.mark.multirank
 def test_zero3_nan_loss_on_one_rank_skips_the_step_on_every_rank():
     results = run_ranks(train_nan_on_one_rank, 2, 1)
     for params, log, skipped in results:
@@ -132,6 +134,7 @@ def train_fp16_sum_overflow(rank, world):
         return opt.last_step_skipped, engine.module.weight.detach().float().clone()
 
 
+@pytest.mark.multirank
 def test_zero3_fp16_gradients_are_divided_by_world_before_the_sum():
     for skipped, weight in run_ranks(train_fp16_sum_overflow, 2):
         assert not skipped, "the summed scaled gradients overflowed: divide by world before reducing"
@@ -163,6 +166,7 @@ def train_update_overflow_on_one_rank(rank, world):
     return log
 
 
+@pytest.mark.multirank
 def test_zero3_fp16_update_pass_overflow_is_counted_on_every_rank():
     logs = run_ranks(train_update_overflow_on_one_rank, 2)
     assert logs[0] == logs[1], "ranks disagree"

@@ -34,6 +34,7 @@ def test_plain_one_process_matches_sgd():
     assert_close_to_reference(train_plain(0, 1, OPTS), 1, OPTS)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("overlap", [True, False])
 def test_plain_two_ranks_average_gradients(overlap):
     results = run_ranks(train_plain, 2, dict(OPTS, overlap_comm=overlap))

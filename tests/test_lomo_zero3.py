@@ -61,6 +61,7 @@ def assert_matches_reference(result, kind, world, opts, checkpointing=False, ste
         assert err <= 2e-6 * (1 + expected.abs().max().item()), f"{name}: off by {err:.2e} (moved {moved:.2e})"
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_zero3_matches_sgd_tied_llama(world):
     opts = dict(lr=0.5)
@@ -68,6 +69,7 @@ def test_zero3_matches_sgd_tied_llama(world):
     assert_matches_reference(params, "llama", world, opts)
 
 
+@pytest.mark.multirank
 def test_zero3_two_simulated_nodes_use_the_group_rank_not_local_rank():
     # 2 nodes x 2 ranks: LOCAL_RANK repeats (0, 1, 0, 1); a shard index taken from it would update wrong slices
     opts = dict(lr=0.5)
@@ -75,12 +77,14 @@ def test_zero3_two_simulated_nodes_use_the_group_rank_not_local_rank():
     assert_matches_reference(params, "llama", 4, opts)
 
 
+@pytest.mark.multirank
 def test_zero3_closure_through_engine_and_untied_embeddings():
     opts = dict(lr=0.5, weight_decay=0.1)
     params, _, _ = run_ranks(train_zero3, 2, "llama_untied", opts, via_engine=True)[0]
     assert_matches_reference(params, "llama_untied", 2, opts)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world", [3, 4])
 def test_zero3_uneven_shards_checkpointing_clip_norm(world):
     # OddLM has 5- and 1-element parameters: on 4 ranks whole shards are padding.
@@ -92,12 +96,14 @@ def test_zero3_uneven_shards_checkpointing_clip_norm(world):
     assert_matches_reference(params, "odd", world, opts, checkpointing=True)
 
 
+@pytest.mark.multirank
 def test_zero3_llama_gradient_checkpointing_clip_value():
     opts = dict(lr=0.5, clip_grad_value=2e-3, weight_decay=0.05)
     params, _, _ = run_ranks(train_zero3, 2, "llama", opts, checkpointing=True)[0]
     assert_matches_reference(params, "llama", 2, opts, checkpointing=True)
 
 
+@pytest.mark.multirank
 def test_zero3_per_param_clipping_one_pass():
     opts = dict(lr=0.5, clip_grad_norm=0.05, clip_mode="per_param")
     params, _, grad_norm = run_ranks(train_zero3, 2, "odd", opts)[0]
@@ -105,6 +111,7 @@ def test_zero3_per_param_clipping_one_pass():
     assert_matches_reference(params, "odd", 2, opts)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("kind,opts", [("llama", dict(lr=0.5, clip_grad_value=2e-3, weight_decay=0.05)),
                                        ("odd", dict(lr=0.5, clip_grad_norm=0.05, clip_mode="per_param")),
                                        ("llama", dict(lr=0.5, clip_grad_norm=2.0))])
@@ -151,6 +158,7 @@ def train_zero3_overlap(rank, world, overlap, ds_overlap):
     return params, set(launched), max(in_flight)
 
 
+@pytest.mark.multirank
 def test_zero3_overlap_comm_is_exact_and_keeps_one_reduction_in_flight():
     # LOMO's own flag, and DeepSpeed's zero_optimization.overlap_comm when the flag is left unset
     runs = {"on": run_ranks(train_zero3_overlap, 2, True, False)[0],
@@ -190,6 +198,7 @@ def train_zero3_half(rank, world, dtype_key, opts):
     return log, {n: p.double() for n, p in snapshot().items()}
 
 
+@pytest.mark.multirank
 def test_zero3_fp16_overflow_skips_then_trains():
     # 2^40 overflows fp16 gradients at once; hysteresis 1 halves the scale per overflow.
     fp16 = {"initial_scale_power": 40, "hysteresis": 1, "loss_scale_window": 100}
@@ -199,6 +208,7 @@ def test_zero3_fp16_overflow_skips_then_trains():
     assert results[1][0] == log, "ranks disagree on overflow"
 
 
+@pytest.mark.multirank
 def test_zero3_bf16_matches_sgd_to_bf16_precision():
     opts = dict(lr=0.5, stochastic_rounding=True)
     log, params = run_ranks(train_zero3_half, 2, "bf16", opts)[0]

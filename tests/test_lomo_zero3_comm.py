@@ -12,6 +12,7 @@ from test_lomo_zero3 import DS_CONFIG, assert_matches_reference, train_zero3
 OFFLOAD = {"offload_param": {"device": "cpu"}}
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("opts", [dict(lr=0.5, clip_grad_norm=0.05, clip_mode="per_param"),
                                   dict(lr=0.5, clip_grad_norm=2.0, weight_decay=0.05),
                                   dict(lr=0.5, clip_grad_value=2e-3)])
@@ -77,6 +78,7 @@ MATRIX = [(dict(lr=0.5, clip_grad_norm=0.05, clip_mode="per_param"), OFFLOAD, No
           (dict(lr=0.5, fp16={"initial_scale_power": 8}, clip_grad_norm=2.0), OFFLOAD, "fp16")]
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("opts,zero,precision", MATRIX)
 def test_zero3_no_collective_gets_a_host_copy(opts, zero, precision):
     seen = run_ranks(train_spied, 2, opts, zero, precision)[0]
@@ -108,6 +110,7 @@ def train_collective_order(rank, world, overlap):
     return log, n
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("overlap", [True, False])
 def test_zero3_per_param_norm_all_reduce_never_queues_behind_the_next_reduce_scatter(overlap):
     log, n = run_ranks(train_collective_order, 2, overlap)[0]
@@ -147,6 +150,7 @@ def train_stream_order(rank, world):
     return log
 
 
+@pytest.mark.multirank
 def test_zero3_allgather_stream_waits_after_the_last_update():
     log = run_ranks(train_stream_order, 2)[0]
     steps = "|".join(log).split("|step end")
@@ -177,6 +181,7 @@ def train_hpz(rank, world, steps):
     return params, secondaries
 
 
+@pytest.mark.multirank
 def test_zero3_hpz_secondary_copies_never_serve_stale_weights():
     params, secondaries = run_ranks(train_hpz, 4, 3, local_world=2)[0]
     assert all(secondaries), "hpZ made no secondary copies: the test could not see stale ones"

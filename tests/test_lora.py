@@ -89,16 +89,19 @@ def check_zero3(world, opts):
     assert_close(params, reference(model, STEPS, world, **opts), init)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_zero3_lomo_lora_matches_reference_with_global_clipping(world):
     # clip 0.5 binds (the global norm is ~2-3): the coefficient must cover base and adapter gradients alike
     check_zero3(world, dict(lr=0.05, weight_decay=0.1, clip_grad_norm=0.5))
 
 
+@pytest.mark.multirank
 def test_zero3_lomo_lora_without_clipping_one_pass():
     check_zero3(2, dict(lr=0.05))
 
 
+@pytest.mark.multirank
 def test_zero3_adalomo_base_with_fixed_adapters_is_adalomo():
     """AdaLomo on the base: with the adapters' AdamW at lr 0 the base must follow test_adalomo's float64 reference
     (the adapter group takes no part in AdaLomo's statistics) and the adapters stay put. No norm clipping: the global
@@ -189,6 +192,7 @@ def run_lora(rank, world, out, zero3, steps, resume=None):
     return gathered_weights(trainer), adapter_state(trainer), logs
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world,zero3", [(1, False), (2, True)])
 def test_trainer_resume_is_bitwise_with_adapter_optimizer_state(tmp_path, world, zero3):
     import shutil
@@ -217,6 +221,7 @@ def saved_folders(rank, world, out, zero3):
     return gathered_weights(trainer)
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world,zero3", [(1, False), (2, True)])
 def test_saved_model_is_merged_and_adapter_folder_is_peft(tmp_path, world, zero3):
     """The output folder is the plain model with peft's own merge applied; adapter/ loads with PeftModel; a
@@ -362,12 +367,14 @@ def train_fp16_overflow(rank, world):
     return log
 
 
+@pytest.mark.multirank
 def test_zero3_fp16_overflow_skips_base_adapters_and_adamw_state():
     log = run_ranks(train_fp16_overflow, 2)
     assert log[0] == log[1], "ranks disagree"
     assert log[0] == [(False, False, False), (True, True, True), (False, False, False)], log[0]
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world", [1, 2])
 def test_accumulation_with_adapters_equals_the_large_batch(world):
     """Two micro-steps into the shard buffer (base and adapters alike), one update: the float64 reference's step

@@ -165,6 +165,7 @@ GATHER_KNOBS = [  # (max_live_parameters, prefetch_bucket_size, max_reuse_distan
 ]
 
 
+@pytest.mark.multirank
 def test_gathered_parameters_match_deepspeed():
     from distributed import run_ranks
 

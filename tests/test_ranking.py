@@ -118,6 +118,7 @@ def rank_scores(rank, world):
     return scores, rows, calls[0]
 
 
+@pytest.mark.multirank
 def test_three_zero3_ranks_match_one_rank_each_item_once():
     (single, single_rows, _), = run_ranks(rank_scores, 1)
     results = run_ranks(rank_scores, 3)

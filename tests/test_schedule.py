@@ -1,5 +1,6 @@
 """A DeepSpeed scheduler block under LOMOTrainer: the lr at each step is the one DeepSpeed's own engine uses, and
 a resumed run equals the uninterrupted one."""
+import pytest
 import os
 
 import torch
@@ -50,6 +51,7 @@ def train(rank, world, out, resume=None):
     return gathered_weights(trainer), lr_at.lrs, type(trainer.lr_scheduler).__module__
 
 
+@pytest.mark.multirank
 def test_deepspeed_scheduler_block_lr_per_step_and_resume(tmp_path):
     # each phase in fresh ranks: accelerate allows one DeepSpeed Accelerator per process
     expected_lrs = run_ranks(deepspeed_engine_lrs, 1)[0]

@@ -174,6 +174,7 @@ def superglue_main(rank, world, *argv):
     return main(list(argv))
 
 
+@pytest.mark.multirank
 def test_zero_shot_cli_writes_json_markdown_and_offline_wandb(tmp_path, monkeypatch):
     from lomo_trainer.superglue.cli import main
 

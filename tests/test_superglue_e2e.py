@@ -40,6 +40,7 @@ def check_results(out, method, tasks, returned):
     return saved
 
 
+@pytest.mark.multirank
 def test_zero_shot_lomo_lora_lomo_lora_then_table(tmp_path, monkeypatch):
     lomo, lora, zero = (str(tmp_path / m) for m in ("lomo", "lora", "zero-shot"))
     returned = run_ranks(superglue, 2, "finetune", lomo, "cb,copa")
@@ -118,6 +119,7 @@ def zero_shot(rank, world, *argv):
     return main(["zero-shot", "--data-dir", FIXTURES, "--n", "-1", *argv]), scores
 
 
+@pytest.mark.multirank
 def test_zero_shot_model_and_config_are_one_path(tmp_path):
     """--model (a run config from its flags: no DeepSpeed, here 2 ranks sharing the candidates) and --config
     (ZeRO-3 on 1 rank) with the same weights and max_length: the same header fields, the same log-likelihood for
@@ -192,6 +194,7 @@ def test_shipped_configs_name_their_method(path):
     assert cfg["learning_rate"] == (5e-4 if method == "lora" else 0.03), path
 
 
+@pytest.mark.multirank
 def test_paper_protocol_runs_and_never_shares_a_column(tmp_path):
     """--protocol paper: accuracy only, the best epoch on top, the protocol named in the results and the name."""
     paper = str(tmp_path / "paper")
@@ -235,6 +238,7 @@ def run_plain(cmd: str, *extra: str):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_readme_cpu_command_runs_as_one_plain_process(tmp_path):
     (cmd,) = [c for c in readme_commands() if "tiny_cpu.json" in c and " finetune " in c]
     run_plain(cmd, "--output_dir", str(tmp_path), "--max_steps", "1")
@@ -242,6 +246,7 @@ def test_readme_cpu_command_runs_as_one_plain_process(tmp_path):
     assert set(saved["tasks"]) == {"cb", "copa"} and saved["protocol"] == "standard"
 
 
+@pytest.mark.slow
 def test_readme_zero_shot_model_command_runs_as_one_plain_process(tmp_path):
     (cmd,) = [c for c in readme_commands() if " zero-shot --model " in c]
     cmd = cmd.replace("PATH", fixture_model(tmp_path / "model")).replace("[--data-dir DIR]", f"--data-dir {FIXTURES}")

@@ -76,6 +76,7 @@ def train_and_compare(rank, world, out, clip, zero3=True, checkpointing=False):
     return weights, [b for _, b in rec.batches], lrs, grad_norms
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("clip,zero3,ckpt", [(0.0, True, False), (0.5, True, True), (0.5, False, False)],
                          ids=["zero3", "zero3-clip-checkpointing", "no-deepspeed-clip"])
 def test_trainer_two_ranks_matches_sgd(tmp_path, clip, zero3, ckpt):
@@ -136,6 +137,7 @@ def run_resumed(rank, world, out, save_dir):
     return gathered_weights(trainer), trainer.state.global_step
 
 
+@pytest.mark.multirank
 def test_sigterm_saves_and_resume_equals_uninterrupted(tmp_path):
     # each phase in fresh ranks: accelerate allows one DeepSpeed Accelerator per process
     expected = run_ranks(run_uninterrupted, 2, str(tmp_path / "a"))[0]
@@ -166,6 +168,7 @@ def train_with_loggers(rank, world, out):
     return trainer.state.log_history
 
 
+@pytest.mark.multirank
 def test_metrics_reach_tensorboard_and_wandb(tmp_path):
     history = run_ranks(train_with_loggers, 1, str(tmp_path))[0]
     wanted = {"loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_gb"}
@@ -208,6 +211,7 @@ def crash_while_saving(rank, world, out):
     return before, after, last_checkpoint(out), sorted(os.listdir(out))
 
 
+@pytest.mark.multirank
 def test_crash_while_saving_keeps_previous_checkpoint(tmp_path):
     before, after, latest, listing = run_ranks(crash_while_saving, 1, str(tmp_path))[0]
     assert before == after and "model.safetensors" in after
@@ -225,6 +229,7 @@ def train_fp16(rank, world, out):
     return [(h["learning_rate"], h["loss_scale"], h["skipped_steps"]) for h in trainer.state.log_history if "loss" in h]
 
 
+@pytest.mark.multirank
 def test_trainer_fp16_overflow_skips_and_the_schedule_waits(tmp_path):
     log = run_ranks(train_fp16, 2, str(tmp_path))[0]
     skipped = [s for _, _, s in log]
@@ -250,6 +255,7 @@ def train_checkpointed_recording_warnings(rank, world, out):
     return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
 
 
+@pytest.mark.multirank
 def test_activation_checkpointing_without_deprecation_warnings(tmp_path):
     messages = run_ranks(train_checkpointed_recording_warnings, 1, str(tmp_path))[0]
     assert not [m for m in messages if "checkpointing" in m], messages
