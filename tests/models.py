@@ -1,8 +1,7 @@
-"""Small models, batches and an independent float64 SGD reference for the optimizer tests; a word-level tokenizer."""
+"""Small models and batches for the optimizer tests, the float64 SGD reference on them, a word-level tokenizer."""
 from __future__ import annotations
 
-import copy
-
+import reference
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -86,23 +85,10 @@ def batch(step: int, rank: int, vocab: int, bsz: int = 2, seq: int = 12) -> torc
 def reference_sgd(model: nn.Module, steps: int, world: int, vocab: int, lr: float, weight_decay: float = 0.0,
                   clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
                   per_param: bool = False, batches=None) -> dict[str, torch.Tensor]:
-    """Plain float64 SGD on the rank-averaged loss, written from the definitions, sharing no code with LOMO.
-    ``batches[step][rank]`` overrides the generated batches (e.g. the ones a trainer actually drew)."""
-    model = copy.deepcopy(model).double()
+    """float64 SGD on the rank-averaged loss (tests/reference.py). ``batches[step][rank]`` overrides the generated
+    batches (e.g. the ones a trainer actually drew)."""
     get = (lambda s, r: batches[s][r]) if batches is not None else (lambda s, r: batch(s, r, vocab))
-    names, params = zip(*[(n, p) for n, p in model.named_parameters()])
-    for step in range(steps):
-        loss = sum(model(input_ids=b, labels=b).loss for b in (get(step, r) for r in range(world))) / world
-        grads = torch.autograd.grad(loss, params)
-        coef = 1.0
-        if clip_grad_norm is not None and not per_param:
-            norm = torch.sqrt(sum((g ** 2).sum() for g in grads)).item()
-            coef = min(1.0, clip_grad_norm / (norm + 1e-6))
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                if clip_grad_value is not None:
-                    g = g.clamp(-clip_grad_value, clip_grad_value)
-                if clip_grad_norm is not None and per_param:
-                    g = g * min(1.0, clip_grad_norm / (g.norm().item() + 1e-6))
-                p.mul_(1 - lr * weight_decay).sub_(lr * coef * g)
-    return {n: p.detach().clone() for n, p in zip(names, params)}
+    return reference.train(model, steps, reference.rank_mean_loss(world, get), reference.sgd(lr, weight_decay),
+                           max_norm=clip_grad_norm, per_param=per_param, max_value=clip_grad_value)
+
+

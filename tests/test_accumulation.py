@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from distributed import run_ranks
 from lomo_trainer import LOMO
 from lomo_trainer.optim import AdaLomo
+import reference as reference_rules
 from models import VOCAB, allow_cpu_fp16, tiny_llama
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
@@ -59,41 +60,14 @@ def one_big_batch(step, world, k=K):
 
 
 def reference(model, steps, world, rule, lr, weight_decay=0.0, clip_grad_norm=None, k=K, skip=()):
-    """float64 SGD or AdaLomo (arXiv 2310.10195, row/column sums) on the token-mean loss of one big batch."""
-    model = copy.deepcopy(model).double()
-    names, params = zip(*model.named_parameters())
-    state = [dict() for _ in params]
-    t = 0
-    for step in range(steps):
-        if step in skip:
-            continue
+    """float64 SGD or AdaLomo (tests/reference.py) on the token-mean loss of one big batch per step."""
+    def loss_of(model, step):
         ids, mask, labels = one_big_batch(step, world, k)
         logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())  # mean over label tokens
-        grads = torch.autograd.grad(loss, params)
-        coef = 1.0
-        if clip_grad_norm is not None:
-            coef = min(1.0, clip_grad_norm / (torch.sqrt(sum((g ** 2).sum() for g in grads)).item() + 1e-6))
-        t += 1
-        with torch.no_grad():
-            for p, g, st in zip(params, grads, state):
-                g = g * coef
-                if rule == "sgd":
-                    p.mul_(1 - lr * weight_decay).sub_(lr * g)
-                    continue
-                beta2 = 1 - t ** -0.8
-                sq = g ** 2 + 1e-30
-                if p.dim() >= 2:
-                    st["r"] = beta2 * st.get("r", 0) + (1 - beta2) * sq.sum(-1)
-                    st["c"] = beta2 * st.get("c", 0) + (1 - beta2) * sq.sum(-2)
-                    v = st["r"][:, None] * st["c"][None, :] / st["r"].sum()
-                else:
-                    v = st["v"] = beta2 * st.get("v", 0) + (1 - beta2) * sq
-                u = g / v.sqrt()
-                u = u / max(1.0, u.pow(2).mean().sqrt().item())
-                lr_t = lr * max(1e-3, p.pow(2).mean().sqrt().item())
-                p.mul_(1 - lr_t * weight_decay).sub_(lr_t * u)
-    return {n: p.detach().clone() for n, p in zip(names, params)}
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())  # mean over label tokens
+
+    step_rule = reference_rules.sgd(lr, weight_decay) if rule == "sgd" else reference_rules.adalomo(lr, weight_decay)
+    return reference_rules.train(model, steps, loss_of, step_rule, skip=skip, max_norm=clip_grad_norm)
 
 
 # ---------------------------------------------------------------- ZeRO-3 ranks

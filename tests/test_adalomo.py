@@ -13,6 +13,7 @@ from torch import nn
 from distributed import run_ranks
 from lomo_trainer import LOMO
 from lomo_trainer.optim import AdaLomo
+import reference
 from models import VOCAB, OddLM, allow_cpu_fp16, batch, tiny_llama
 
 STEPS = 3
@@ -55,40 +56,12 @@ def build(kind):
 def reference_adalomo(model, steps, world, vocab, lr, weight_decay=0.0, clip_threshold=1.0, decay_rate=-0.8,
                       eps=(1e-30, 1e-3), clip_grad_norm=None, clip_grad_value=None, per_param=False, batches=None,
                       keep=lambda name: True):
-    """float64 AdaLomo (arXiv 2310.10195, Algorithm 1) on the rank-averaged loss, over the parameters ``keep``
-    names (the others stay fixed)."""
-    model = copy.deepcopy(model).double()
+    """float64 AdaLomo (tests/reference.py) on the rank-averaged loss, over the parameters ``keep`` names (the
+    others stay fixed)."""
     get = (lambda s, r: batches[s][r]) if batches is not None else (lambda s, r: batch(s, r, vocab))
-    names, params = zip(*[(n, p) for n, p in model.named_parameters() if keep(n)])
-    state = [dict() for _ in params]
-    for step in range(steps):
-        loss = sum(model(input_ids=b, labels=b).loss for b in (get(step, r) for r in range(world))) / world
-        grads = torch.autograd.grad(loss, params)
-        coef = 1.0
-        if clip_grad_norm is not None and not per_param:
-            coef = min(1.0, clip_grad_norm / (torch.sqrt(sum((g ** 2).sum() for g in grads)).item() + 1e-6))
-        t = step + 1
-        beta2 = 1 - t ** decay_rate
-        with torch.no_grad():
-            for p, g, st in zip(params, grads, state):
-                if clip_grad_value is not None:
-                    g = g.clamp(-clip_grad_value, clip_grad_value)
-                g = g * coef
-                if clip_grad_norm is not None and per_param:
-                    g = g * min(1.0, clip_grad_norm / (g.norm().item() + 1e-6))
-                sq = g ** 2 + eps[0]
-                if p.dim() >= 2:
-                    m = sq.reshape(-1, *p.shape[-2:])
-                    st["r"] = beta2 * st.get("r", 0) + (1 - beta2) * m.sum(-1)  # row sums, (B, R)
-                    st["c"] = beta2 * st.get("c", 0) + (1 - beta2) * m.sum(-2)  # column sums, (B, C)
-                    v = (st["r"][:, :, None] * st["c"][:, None, :] / st["r"].sum(-1)[:, None, None]).reshape(p.shape)
-                else:
-                    v = st["v"] = beta2 * st.get("v", 0) + (1 - beta2) * sq
-                u = g / v.sqrt()
-                u = u / max(1.0, (u.pow(2).mean().sqrt() / clip_threshold).item())
-                lr_t = lr * max(eps[1], p.pow(2).mean().sqrt().item())
-                p.mul_(1 - lr_t * weight_decay).sub_(lr_t * u)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    rule = reference.adalomo(lr, weight_decay, clip_threshold, decay_rate, eps)
+    return reference.train(model, steps, reference.rank_mean_loss(world, get), rule, keep=keep,
+                           max_norm=clip_grad_norm, per_param=per_param, max_value=clip_grad_value)
 
 
 def assert_close(result, ref, init, rtol=2e-5):

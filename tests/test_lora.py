@@ -2,7 +2,6 @@
 backward, on a plain module and on DeepSpeed ZeRO-3 (CPU, gloo, DeepSpeed's default persistence threshold),
 against a float64 reference written here: SGD on the base and AdamW (from Loshchilov & Hutter's algorithm) on the
 adapters, clipped by the global norm over both sets."""
-import copy
 import os
 
 import deepspeed
@@ -15,6 +14,7 @@ from lomo_trainer.optim import AdaLomo
 from lomo_trainer.errors import ConfigError
 from lomo_trainer.lora import adapter_parameters, prepare_model
 from lomo_trainer.lora_config import check_block
+import reference as reference_rules
 from models import VOCAB, batch, tiny_llama
 
 pytest.importorskip("peft")
@@ -33,30 +33,11 @@ def peft_llama():
 
 
 def reference(model, steps, world, lr, weight_decay=0.0, clip_grad_norm=None, adamw=ADAMW["params"]):
-    """float64: SGD on the base weights, AdamW on the adapters, one global norm over both."""
-    model = copy.deepcopy(model).double()
-    names, params = zip(*model.named_parameters())
-    b1, b2 = adamw["betas"]
-    m = {n: torch.zeros_like(p) for n, p in zip(names, params)}
-    v = {n: torch.zeros_like(p) for n, p in zip(names, params)}
-    for step in range(steps):
-        loss = sum(model(input_ids=b, labels=b).loss for b in (batch(step, r, VOCAB) for r in range(world))) / world
-        grads = torch.autograd.grad(loss, params)
-        coef = 1.0
-        if clip_grad_norm is not None:
-            coef = min(1.0, clip_grad_norm / (torch.sqrt(sum((g ** 2).sum() for g in grads)).item() + 1e-6))
-        t = step + 1
-        with torch.no_grad():
-            for n, p, g in zip(names, params, grads):
-                g = g * coef
-                if "lora_" not in n:
-                    p.mul_(1 - lr * weight_decay).sub_(lr * g)
-                    continue
-                m[n] = b1 * m[n] + (1 - b1) * g
-                v[n] = b2 * v[n] + (1 - b2) * g * g
-                p.mul_(1 - adamw["lr"] * adamw["weight_decay"])
-                p.sub_(adamw["lr"] * (m[n] / (1 - b1 ** t)) / ((v[n] / (1 - b2 ** t)).sqrt() + adamw["eps"]))
-    return {n: p.detach().clone() for n, p in zip(names, params)}
+    """float64 (tests/reference.py): SGD on the base weights, AdamW on the adapters, one global norm over both."""
+    base, adapter = reference_rules.sgd(lr, weight_decay), reference_rules.adamw(
+        adamw["lr"], adamw["betas"], adamw["eps"], adamw["weight_decay"])
+    return reference_rules.train(model, steps, reference_rules.rank_mean_loss(world, lambda s, r: batch(s, r, VOCAB)),
+                                 rule_of=lambda name: adapter if "lora_" in name else base, max_norm=clip_grad_norm)
 
 
 def assert_close(result, ref, init, rtol=2e-5):
