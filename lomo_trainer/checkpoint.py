@@ -32,6 +32,8 @@ LOMO_STATE = "lomo_state_rank{}.pt"
 SCHEDULER = "scheduler.pt"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "lomo_manifest.json"
+NO_WEIGHTS = ("{} has no *.safetensors weights (a DeepSpeed-only checkpoint?): consolidate it with DeepSpeed's "
+              "zero_to_fp32.py or set stage3_gather_16bit_weights_on_model_save, then resume")
 HASH_LIMIT = 256 * 2**20  # larger files (the weights) are checked by size: hashing 13 GB per save costs too much
 
 
@@ -121,6 +123,8 @@ def problem(folder: str) -> str | None:
             json.load(f)
     except (OSError, ValueError) as e:
         return f"{os.path.join(folder, TRAINER_STATE)} is unreadable ({type(e).__name__})"
+    if not glob.glob(os.path.join(folder, "*.safetensors")):
+        return NO_WEIGHTS.format(folder)
     return None
 
 
@@ -228,9 +232,7 @@ def load_weights(model, folder: str, with_lora: bool) -> None:
     params = dict(model.named_parameters())
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
-        raise CheckpointError(
-            f"{folder} has no *.safetensors weights (a DeepSpeed-only checkpoint?): consolidate it with "
-            "DeepSpeed's zero_to_fp32.py or set stage3_gather_16bit_weights_on_model_save, then resume")
+        raise CheckpointError(NO_WEIGHTS.format(folder))
     names = {n: n for n in params}  # name in the files -> parameter name
     if with_lora:
         names = {lora.file_key(model, n): n for n in params}

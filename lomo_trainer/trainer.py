@@ -213,6 +213,14 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         self._tokens = tokens if self._tokens is None else self._tokens + tokens
         return loss
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """The stock batches; none once ``max_steps`` is reached. The stock loop checks it only after a step, so a
+        run resumed from its last checkpoint would take one step more."""
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
     def floating_point_ops(self, inputs) -> int:
         """The stock estimate (6 x tokens x non-embedding parameters), counting ZeRO-3 parameters at full size."""
         model, main = self.model, getattr(self.model, "main_input_name", "input_ids")
