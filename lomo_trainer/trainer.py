@@ -214,7 +214,7 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         return loss
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
-        """The stock batches; none once ``max_steps`` is reached. The stock loop checks it only after a step, so a
+        """The stock batches; none once ``max_steps`` is reached. The stock loop checks it only after a step (trainer_callback.py:592), so a
         run resumed from its last checkpoint would take one step more."""
         if self.state.global_step >= self.state.max_steps:
             self.control.should_training_stop = True
