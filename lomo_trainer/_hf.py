@@ -1,8 +1,13 @@
 """Every use of transformers'/accelerate's private attributes lives here, so an upgrade touches one file.
 
-Checked against transformers 5.17 and 5.23, accelerate 1.15:
+Checked against transformers 5.25 (trainer.py line numbers below) and accelerate 1.16:
 - ``TrainingArguments.hf_deepspeed_config.config`` is the dict accelerate hands to ``deepspeed.initialize``;
-- ``Accelerator._models`` is where ``evaluate()`` looks for an already-built DeepSpeed engine;
+- ``Accelerator._models`` is where ``evaluate()`` looks for an already-built DeepSpeed engine, and
+  ``Accelerator._optimizers`` is what ``Accelerator.optimizer_step_was_skipped`` asks (the stock loop steps the lr
+  scheduler only when it is false);
+- ``model._is_accelerate_prepared`` makes ``accelerate.prepare`` leave a module as it is;
+- ``Trainer._prepare_inputs``, ``_tr_loss`` and ``_globalstep_last_logged`` (the stock loop's inputs and pending loss);
+- the five private ``Trainer`` methods ``StockLoopHooks`` replaces, each for a reason given there;
 - ``PreTrainedModel._tied_weights_keys`` names the parameters saved under another name (a dict in 5.x);
 - ``HfArgumentParser._actions`` (argparse's) lists the flags, one per dataclass field;
 - ``AcceleratorState._reset_state`` / ``GradientState._reset_state`` clear accelerate's per-process singletons.
@@ -12,18 +17,80 @@ from __future__ import annotations
 import re
 
 
-def strip_deepspeed_optimizer(args) -> None:
-    """accelerate must never build a DeepSpeed optimizer or scheduler for LOMO: drop both blocks (and LOMO+LoRA's
-    lora block) from the config it will pass to DeepSpeed (LOMOTrainer reads them from its own copy)."""
+def set_deepspeed_config(args, config: dict) -> None:
+    """accelerate must never build a DeepSpeed optimizer or scheduler for LOMO: the config it passes to
+    ``deepspeed.initialize`` becomes ``config`` (LOMOTrainer's: no optimizer, scheduler or lora block, its own
+    "auto" values). The dict is replaced in place: accelerate's DeepSpeed plugin holds the same object."""
     hf_ds = getattr(args, "hf_deepspeed_config", None)
     if hf_ds is not None:
-        for key in ("optimizer", "scheduler", "lora"):
-            hf_ds.config.pop(key, None)
+        hf_ds.config.clear()
+        hf_ds.config.update(config)
+
+
+def deepspeed_engine(trainer):
+    """The DeepSpeed engine ``accelerator.prepare`` built in this ``train()``, or the one a previous call built."""
+    wrapped = trainer.accelerator.deepspeed_engine_wrapped
+    return wrapped.engine if wrapped is not None else trainer.model_wrapped
 
 
 def register_engine(accelerator, engine) -> None:
     """``evaluate()`` builds its own DeepSpeed engine when accelerate knows no model: show it ours."""
-    accelerator._models.append(engine)
+    if engine not in accelerator._models:
+        accelerator._models.append(engine)
+
+
+def report_skipped_steps(accelerator, optimizer) -> None:
+    """The stock loop leaves the lr schedule alone after a step ``accelerator.optimizer_step_was_skipped`` reports
+    (trainer.py:1986); accelerate asks each optimizer it knows for ``step_was_skipped``."""
+    if optimizer not in accelerator._optimizers:
+        accelerator._optimizers.append(optimizer)
+
+
+def keep_unwrapped(model) -> None:
+    """``accelerator.prepare`` would wrap a plain module in DistributedDataParallel (a full-size gradient bucket
+    and its own all-reduce, which LOMO does inside backward) and in autocast (LOMO trains in the weights' dtype)."""
+    model._is_accelerate_prepared = True
+
+
+def prepare_inputs(trainer, inputs: dict) -> dict:
+    """The stock ``training_step``'s input preparation: to the device, floats in DeepSpeed's dtype."""
+    return trainer._prepare_inputs(inputs)
+
+
+def pending_train_loss(trainer) -> float:
+    """The mean training loss the stock loop would log next (over ranks and the steps since its last log, this
+    one included): for a log written before the loop gets there."""
+    from transformers.trainer_pt_utils import nested_gather
+
+    steps = max(trainer.state.global_step + 1 - trainer._globalstep_last_logged, 1)
+    return nested_gather(trainer._tr_loss, trainer.args.parallel_mode).mean().item() / steps
+
+
+class StockLoopHooks:
+    """The stock ``Trainer``'s private checkpoint methods, replaced: LOMO's checkpoints hold no pickled DeepSpeed
+    engine state or RNG file and load with ``weights_only=True`` (see checkpoint.py). Each hook calls a public method
+    of the trainer. Everything else in ``Trainer.train`` runs as it is."""
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        # Stock, with a checkpoint: deepspeed_load_checkpoint (trainer.py:1848, a pickled engine checkpoint; raises
+        # without a global_step* folder), _load_optimizer_and_scheduler and _load_scaler. LOMO loads its own, once
+        # the engine and the optimizer exist.
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        if resume_from_checkpoint is not None:
+            self.load_lomo_checkpoint(resume_from_checkpoint)
+        return model, train_dataloader
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        pass  # the stock Trainer loads plain-module weights before the loop (trainer.py:1579); LOMO does it above
+
+    def _load_rng_state(self, checkpoint):
+        self.load_rng_state(checkpoint)  # the stock RNG files are pickled
+
+    def _save_checkpoint(self, model, trial=None):
+        self.save_lomo_checkpoint()  # stock: a DeepSpeed engine checkpoint (trainer.py:3605) and pickled RNG files
+
+    def _load_best_model(self):
+        self.load_best_weights()  # stock under DeepSpeed: deepspeed_load_checkpoint (trainer.py:3797)
 
 
 def is_tied(model, name: str) -> bool:

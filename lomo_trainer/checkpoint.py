@@ -6,7 +6,7 @@ A checkpoint ``checkpoint-N/`` is a ``from_pretrained`` folder plus:
 - ``lomo_manifest.json``, written last: every file's size (and SHA-256 up to ``HASH_LIMIT`` bytes) and the
   world size and global batch of the run that wrote it.
 
-The folder is written as ``checkpoint-N.tmp`` and renamed when complete. Nothing is unpickled on load: state
+The folder is written as ``checkpoint-N.tmp`` and renamed when complete (``begin_save`` ... ``finish_save``). Nothing is unpickled on load: state
 files hold only tensors, numbers, strings and containers, and load with ``torch.load(weights_only=True)``. A file
 that fails that, or that disagrees with the manifest, is named in a one-line ``CheckpointError``.
 """
@@ -22,6 +22,7 @@ import shutil
 
 import torch
 
+from . import _hf, _zero, lora
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ LOMO_STATE = "lomo_state_rank{}.pt"
 SCHEDULER = "scheduler.pt"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "lomo_manifest.json"
+NO_WEIGHTS = ("{} has no *.safetensors weights (a DeepSpeed-only checkpoint?): consolidate it with DeepSpeed's "
+              "zero_to_fp32.py or set stage3_gather_16bit_weights_on_model_save, then resume")
 HASH_LIMIT = 256 * 2**20  # larger files (the weights) are checked by size: hashing 13 GB per save costs too much
 
 
@@ -120,6 +123,8 @@ def problem(folder: str) -> str | None:
             json.load(f)
     except (OSError, ValueError) as e:
         return f"{os.path.join(folder, TRAINER_STATE)} is unreadable ({type(e).__name__})"
+    if not glob.glob(os.path.join(folder, "*.safetensors")):
+        return NO_WEIGHTS.format(folder)
     return None
 
 
@@ -168,6 +173,109 @@ def run_info(folder: str) -> dict:
             return dict(json.load(f).get("run") or {})
     except (OSError, ValueError):
         return {}
+
+
+# ---------------------------------------------------------------- writing
+def begin_save(final: str, is_main: bool) -> str:
+    """The empty ``.tmp`` folder that becomes ``final`` once whole (made by the main process only)."""
+    tmp = final + ".tmp"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    return tmp
+
+
+def save_rank_state(folder: str, rank: int, optimizer_state: dict) -> None:
+    """This rank's LOMO state and RNG states: plain data, which loads with weights_only=True."""
+    torch.save({"optimizer": optimizer_state, "rng": rng_states()}, os.path.join(folder, LOMO_STATE.format(rank)))
+
+
+def finish_save(tmp: str, final: str, **run) -> None:
+    """Main process, once every rank has written: the manifest goes last (only a whole folder has one), then the
+    finished folder is swapped in; the old one goes only after that."""
+    write_manifest(tmp, **run)
+    old = final + ".old"
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def rotate(output_dir: str, limit: int | None, best: str | None) -> None:
+    """Keep the newest ``limit`` checkpoints; the best counts as the newest, so it is never rotated out, and the
+    newest stays too, for resuming (as in the stock Trainer)."""
+    if not limit:
+        return
+    found = list_checkpoints(output_dir)
+    if best in found:
+        found.remove(best)
+        found.append(best)
+        limit = max(limit, 2)
+    for path in found[:-limit]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- reading
+def load_rank_state(folder: str, rank: int) -> dict:
+    """This rank's LOMO state file; rank 0's when resumed on more ranks (the scaler and step are shared)."""
+    path = os.path.join(folder, LOMO_STATE.format(rank))
+    if not os.path.isfile(path):
+        path = os.path.join(folder, LOMO_STATE.format(0))
+    return load_state(path)
+
+
+def load_weights(model, folder: str, with_lora: bool) -> None:
+    """The ``*.safetensors`` weights of ``folder`` into ``model``, each rank writing its own shard under ZeRO-3.
+    LOMO + LoRA: the base weights under the plain model's names, the adapters from peft's folder."""
+    from safetensors import SafetensorError, safe_open
+
+    params = dict(model.named_parameters())
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise CheckpointError(NO_WEIGHTS.format(folder))
+    names = {n: n for n in params}  # name in the files -> parameter name
+    if with_lora:
+        names = {lora.file_key(model, n): n for n in params}
+        files += sorted(glob.glob(os.path.join(folder, lora.ADAPTER_FOLDER, "*.safetensors")))
+    loaded = set()
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    name = names.get(key)
+                    p = params.get(name)
+                    if p is None:
+                        continue
+                    full = f.get_tensor(key)
+                    with torch.no_grad():
+                        if _zero.is_zero3_param(p):
+                            _zero.load_full_param_(p, full)
+                        else:
+                            p.copy_(full)
+                    loaded.add(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} cannot be read ({str(e).splitlines()[0][:160]}): pass an "
+                                  "older checkpoint-N folder") from None
+    base = model.get_base_model() if with_lora else model
+    missing = [n for n, p in params.items() if n not in loaded and
+               not _hf.is_tied(base, lora.base_key(n) if with_lora else n)]
+    if missing:
+        raise CheckpointError(f"{folder} lacks weights for {missing[:3]}: it belongs to another model")
+
+
+def load_stock_scheduler(folder: str, scheduler, groups: int, global_step: int) -> None:
+    """A stock Trainer checkpoint's schedule: its scheduler state when it fits ours (the stock AdamW/SGD have two
+    param groups, decay and no decay, LOMO one), else the same schedule advanced to the checkpoint's step."""
+    try:
+        state = load_state(os.path.join(folder, SCHEDULER))
+    except CheckpointError:
+        state = None
+    ours = scheduler.state_dict()
+    if isinstance(state, dict) and set(state) == set(ours) and len(state.get("base_lrs", ())) == groups:
+        scheduler.load_state_dict(state)
+    else:
+        for _ in range(global_step):
+            scheduler.step()
 
 
 # ---------------------------------------------------------------- RNG states as plain data
