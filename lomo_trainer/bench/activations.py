@@ -30,11 +30,11 @@ def attention_bytes(dims: Dims, d: int) -> int:
     return out
 
 
-def dense_mlp_bytes(width: int, gated: bool, d: int) -> int:
+def dense_mlp_bytes(width: int, gated: bool, d: int, act_extra: int = 0) -> int:
     """Gated (SwiGLU/GeGLU): the gate's output (the activation's input), the activation's output, the up output and
-    their product (the down projection's input): 4 d i. Not gated (fc, act, proj): 2 d i. Approximation: an
-    activation written as several elementwise ops (GPT-2's gelu_new) saves a few more of width i."""
-    return (4 if gated else 2) * d * width
+    their product (the down projection's input): 4 d i. Not gated (fc, act, proj): 2 d i. An activation written as
+    elementwise ops saves ``act_extra`` more of width i (GPT-2's gelu_new: 3; inventory.COMPOSITE_ACTIVATIONS)."""
+    return ((4 if gated else 2) + act_extra) * d * width
 
 
 def moe_bytes(dims: Dims, d: int) -> int:
@@ -49,7 +49,7 @@ def moe_bytes(dims: Dims, d: int) -> int:
 
 def layer_bytes(dims: Dims, d: int, moe: bool) -> int:
     """Saved bytes per token of one decoder layer (dense or MoE)."""
-    mlp = moe_bytes(dims, d) if moe else dense_mlp_bytes(dims.intermediate, dims.gated_mlp, d)
+    mlp = moe_bytes(dims, d) if moe else dense_mlp_bytes(dims.intermediate, dims.gated_mlp, d, dims.act_extra)
     return norm_bytes(dims, d) + attention_bytes(dims, d) + mlp
 
 

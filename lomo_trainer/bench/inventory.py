@@ -43,6 +43,7 @@ class Dims:
     head_dim: int              # the config's head_dim when present (Gemma-3-12B: 256), else hidden / heads
     intermediate: int = 0      # dense MLP width (0: every layer is MoE)
     gated_mlp: bool = True     # gate/up/down (SwiGLU, GeGLU) rather than fc/proj (GPT-2)
+    act_extra: int = 0         # tensors of width intermediate an activation written as elementwise ops also saves
     rms_norms: int = 2         # norm modules of width hidden per layer without a bias (RMSNorm)
     layer_norms: int = 0       # ... with a bias (LayerNorm)
     head_norms: bool = False   # per-head q/k norms (Qwen3, Gemma-3)
@@ -210,15 +211,23 @@ def read_dims(config, params: tuple[Param, ...], head: str) -> Dims:
     per_expert = sum(p.numel for p in moe[0] if len(p.shape) == 3) // experts if moe else 0
     first = blocks[0] if blocks else ()
     norms = _norm_modules(first, hidden)
+    act_name = get("hidden_act", "hidden_activation", "activation_function")
     return Dims(hidden=hidden, layers=layers, vocab=vocab, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                 intermediate=intermediate if dense or not moe else 0,
                 gated_mlp=_gated(dense[0], hidden, intermediate) if dense else True,
+                act_extra=COMPOSITE_ACTIVATIONS.get(act_name, 0) if isinstance(act_name, str) else 0,
                 rms_norms=sum(1 for has_bias in norms if not has_bias), layer_norms=sum(norms),
                 head_norms=any(len(p.shape) == 1 and p.shape[0] == head_dim and p.shape[0] != hidden for p in first),
                 moe_layers=len(moe), experts=experts,
                 experts_per_token=(get("num_experts_per_tok", "moe_topk", "top_k") or 0) if moe else 0,
                 moe_intermediate=per_expert // (3 * hidden) if moe else 0,  # gated experts: gate + up + down
                 shared_intermediate=(get("shared_expert_intermediate_size") or 0) if moe else 0)
+
+
+# Activations transformers writes as several elementwise ops: the extra width-i tensors autograd saves beyond the
+# input. gelu_new (GPT-2): 0.5 x (1 + tanh(...)) saves tanh's output, 0.5 x and 1 + tanh. Fused ones (silu, gelu,
+# gelu_pytorch_tanh, relu) save only their input.
+COMPOSITE_ACTIVATIONS = {"gelu_new": 3}
 
 
 def _decoder_blocks(params, layers: int) -> list[tuple[Param, ...]]:
