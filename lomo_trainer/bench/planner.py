@@ -21,6 +21,8 @@ measurements; see docs/benchmarks.md):
   stays gathered whole, and a bigger one keeps 1e9 elements gathered (1.9 GiB in 16 bits) on every GPU.
   Forward only: the prefetcher still runs ``stage3_max_live_parameters`` ahead. On one GPU nothing is copied:
   a gathered parameter is a view of its (whole) shard.
+- mixture-of-experts without activation checkpointing: every layer's fused expert tensors stay alive from their
+  forward to their backward, whatever the gathering limits (``held_expert_views``).
 - gradients: LOMO and the floor hold one full gradient at a time (the largest parameter's, in the weight
   dtype). LOMO adds the reduce-scatter's output (the shard, on several GPUs) and its fp32 update math, done in
   slices of at most ``UPDATE_CHUNK`` elements (fp32 gradient and weight: 8 B each). DeepSpeed's ZeRO-3 optimizer keeps a partitioned gradient buffer
@@ -146,6 +148,26 @@ def gathered_parameters(inv: Inventory, z: ZeroKnobs, training: bool = True) -> 
     return max(reuse_tail, prefetched, inv.head_numel)  # the LM head at least, for its own backward
 
 
+def held_expert_views(inv: Inventory, gathered: int) -> int:
+    """Elements of fused expert tensors (3-D) that stay alive outside ZeRO-3's gathered tail of ``gathered``
+    elements, from their forward to their backward, when activations are not checkpointed. The expert kernels
+    (eager: ``gate_up_proj[e]``; grouped_mm: ``gate_up_proj.transpose(-2, -1)``) hand autograd a *view* of the
+    gathered parameter, and a saved view keeps the gathered storage: ZeRO-3's release swaps the parameter's own
+    ``data`` for an empty tensor and frees nothing. ``nn.Linear`` saves the parameter itself, whose storage the
+    release does swap, so dense layers hold nothing extra. Measured: docs/benchmarks.md ("Beyond LLaMA")."""
+    tail, extra = 0, 0
+    modules: dict[str, list] = {}
+    for p in inv.params:
+        modules.setdefault(p.module, []).append(p)
+    for params in reversed(list(modules.values())):  # backward order: the gathered tail comes first
+        size = sum(p.numel for p in params)
+        if tail + size <= gathered:
+            tail += size
+            continue
+        extra += sum(p.numel for p in params if len(p.shape) >= 3)
+    return extra
+
+
 def adalomo_state_numel(inv: Inventory, gpus: int) -> int:
     """fp32 elements of AdaLomo's state on one device: rows + cols of every matrix (a 3-D expert tensor: of each of
     its matrices over the last two dimensions; replicated on the ranks of its partition group: each needs the whole
@@ -178,7 +200,10 @@ def breakdown(inv: Inventory, setup: Setup, mode: str) -> dict:
     t["persistent_params"] = d * persistent_numel
     # One rank: DeepSpeed's "gather" makes the parameter a view of its whole shard (NoGatherHandle), no copy
     alias = g == 1 and not setup.offload_param
-    t["gathered_working_set"] = 0 if alias else d * gathered_parameters(inv, z, training)
+    gathered = gathered_parameters(inv, z, training)
+    if training and not setup.activation_checkpointing:  # MoE: saved views of gathered expert tensors
+        gathered = min(sum(numels), gathered + held_expert_views(inv, gathered))
+    t["gathered_working_set"] = 0 if alias else d * gathered
 
     # Gradients: buffers that live through the whole step, and the one full gradient in flight.
     grad_buffers = 0
