@@ -297,8 +297,9 @@ def describe(inv: Inventory) -> str:
     m = inv.dims
     moe = (f", {m.moe_layers} MoE layers x {m.experts} experts ({m.experts_per_token} per token, width "
            f"{m.moe_intermediate})" if m.moe_layers else "")
+    dense = f"intermediate {m.intermediate}, " if m.intermediate else ""
     return (f"model {inv.name} ({inv.model_type}): {inv.n_params / 1e9:.3f} B params (hidden {m.hidden}, "
-            f"intermediate {m.intermediate}, layers {m.layers}, heads {m.heads}/{m.kv_heads} kv x head_dim "
+            f"{dense}layers {m.layers}, heads {m.heads}/{m.kv_heads} kv x head_dim "
             f"{m.head_dim}, vocab {m.vocab}{moe}{', tied embeddings' if inv.tie_embeddings else ''})")
 
 
