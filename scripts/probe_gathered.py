@@ -26,16 +26,17 @@ def main():
 
     from lomo_trainer import _zero
     from lomo_trainer.bench.gather_probe import gathered_after_forward
-    from lomo_trainer.bench.llama_shapes import PRESETS
-    from lomo_trainer.bench.planner import ZeroKnobs, gathered_parameters
+    from lomo_trainer.bench.planner import ZeroKnobs, gathered_parameters, load_inventory
+    from lomo_trainer.bench.presets import load_config
     from lomo_trainer.local_ranks import run_ranks
 
     _zero.disable_cpu_shm_build()
-    counts = run_ranks(gathered_after_forward, 2, PRESETS[args.preset], settings, args.seq_len, "bf16",
-                       timeout=1800)[0]
+    name, config = load_config(args.preset)
+    inv = load_inventory(args.preset)
+    counts = run_ranks(gathered_after_forward, 2, config, settings, args.seq_len, "bf16", timeout=1800)[0]
     print("| zero_optimization | gathered after forward | planner |\n|---|---|---|")
     for extra, got in zip(settings, counts):
-        predicted = gathered_parameters(PRESETS[args.preset], ZeroKnobs.from_ds_config(extra))
+        predicted = gathered_parameters(inv, ZeroKnobs.from_ds_config(extra))
         print(f"| `{json.dumps(extra)}` | {got / 1e6:.1f} M | {predicted / 1e6:.1f} M |")
 
 

@@ -73,12 +73,13 @@ def test_breakdown_reflects_each_optimizer(report):
     assert rows["lomo_accum"]["grads_mib"] == pytest.approx(rows["lomo"]["grads_mib"] + fp32_params / 2**20, rel=1e-6)
     # AdaLomo's state, from the shapes: fp32 row and column sums of every matrix, fp32 V of every vector, and a
     # step count each; held between steps, so counted in the optimizer states (and the CPU peak's held tensors)
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from lomo_trainer.bench.llama_shapes import PRESETS
+    from lomo_trainer.bench.inventory import to_hf_config
+    from lomo_trainer.bench.presets import PRESETS
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(PRESETS["tiny"].to_hf_config())
+        model = AutoModelForCausalLM.from_config(to_hf_config(PRESETS["tiny"]))
     want = sum(4 * (sum(p.shape) if p.dim() == 2 else p.numel()) + 4 for p in model.parameters())
     assert rows["adalomo"]["raw"]["optimizer"]["lomo_states"] == want
     assert rows["adalomo"]["optimizer_states_mib"] == pytest.approx(want / 2**20)
@@ -123,11 +124,12 @@ def test_fp32_bench_measures_fp32(tmp_path):
 
 # ---------------------------------------------------------------- on 2 ranks: construction and fwd_bwd_comm
 # Big enough that building it whole shows in RSS (fp32: 42 MB, the largest parameter 8 MB).
-PART_SHAPE = {"name": "part", "vocab": 8000, "hidden": 256, "intermediate": 688, "layers": 8, "heads": 4, "kv_heads": 4}
+PART_CONFIG = {"model_type": "llama", "vocab_size": 8000, "hidden_size": 256, "intermediate_size": 688,
+               "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": False}
 
 
 def _cfg(**kw):
-    return dict({"shape": PART_SHAPE, "seq_len": 16, "batch": 1, "dtype": "fp32", "lr": 1e-3}, **kw)
+    return dict({"model_config": PART_CONFIG, "seq_len": 16, "batch": 1, "dtype": "fp32", "lr": 1e-3}, **kw)
 
 
 def _build_on_rank(rank, world):
@@ -139,11 +141,10 @@ def _build_on_rank(rank, world):
 
     import gc
 
-    from lomo_trainer.bench.llama_shapes import PRESETS
+    from lomo_trainer.bench.presets import PRESETS
 
     # a first, tiny build pages in the code and imports of the path: only the model's own bytes are measured
-    tiny = {k: v for k, v in PRESETS["tiny"].as_dict().items() if k != "n_params"}
-    warm = build_model("lomo", _cfg(shape=tiny))
+    warm = build_model("lomo", _cfg(model_config=PRESETS["tiny"]))
     del warm
     gc.collect()
     meter = MemoryMeter(torch.device("cpu"))
@@ -161,9 +162,10 @@ def test_model_is_built_partitioned_never_whole():
     """The 7B path's zero.Init: each rank holds half the bytes, and its RSS never grows by the whole model."""
     from distributed import run_ranks
 
-    from lomo_trainer.bench.llama_shapes import LlamaShape
+    from lomo_trainer.bench.inventory import build_inventory
 
-    full, largest = LlamaShape(**PART_SHAPE).n_params * 4, LlamaShape(**PART_SHAPE).largest_param * 4
+    inv = build_inventory(PART_CONFIG)
+    full, largest = inv.n_params * 4, inv.largest.numel * 4
     for r in run_ranks(_build_on_rank, 2):
         assert r["partitioned"]
         assert r["held"] <= full / 2 + 64 * 1024, r  # the shard, plus padding of odd sizes
@@ -225,9 +227,9 @@ def test_repeat_interleaves_rounds_and_reports_median_and_spread(tmp_path):
 
 @pytest.mark.slow
 def test_modes_the_planner_says_do_not_fit_are_not_run(tmp_path):
-    from lomo_trainer.bench.llama_shapes import PRESETS
+    from lomo_trainer.bench.presets import PRESETS
 
-    cfg = {"shape": {k: v for k, v in PRESETS["tiny"].as_dict().items() if k != "n_params"}, "world_size": 1,
+    cfg = {"model": "tiny", "model_config": PRESETS["tiny"], "world_size": 1,
            "seq_len": 16, "batch": 2, "dtype": "bf16", "activation_checkpointing": False, "offload_param": False,
            "device": "cpu", "zero": {}}
     plan = bench.predict(cfg)

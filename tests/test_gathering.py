@@ -6,14 +6,13 @@ from types import SimpleNamespace
 import pytest
 
 from lomo_trainer.gathering import KEYS, auto_gathering, fill_auto, model_numels
-from lomo_trainer.bench.llama_shapes import PRESETS
-from lomo_trainer.bench.planner import Setup, ZeroKnobs, breakdown, main
+from lomo_trainer.bench.planner import Setup, ZeroKnobs, breakdown, load_inventory, main
 
 AUTO = dict.fromkeys(KEYS, "auto")
 
 
 def numels(name):
-    return [k for _, k in PRESETS[name].param_shapes()]
+    return load_inventory(name).numels
 
 
 def test_rule_bounds_and_monotone():
@@ -29,10 +28,10 @@ def test_rule_bounds_and_monotone():
         prev = live
     assert auto_gathering(numels("65b"), 8)["stage3_max_live_parameters"] == int(1e9), "never above DeepSpeed's default"
     # 7B on 8 x 24 GB: half a shard (421 M), which the memory allows
-    assert auto_gathering(numels("7b"), 8, 2, 24 * 2**30)["stage3_max_live_parameters"] == PRESETS["7b"].n_params // 16
+    assert auto_gathering(numels("7b"), 8, 2, 24 * 2**30)["stage3_max_live_parameters"] == load_inventory("7b").n_params // 16
     # memory-bound: 65B on 8 x 20 GB has 3.8 GiB left beside its shard and the context, a quarter for gathering
     tight = auto_gathering(numels("65b"), 8, 2, 20 * 2**30)["stage3_max_live_parameters"]
-    assert tight == (20 * 2**30 - 2 * -(-PRESETS["65b"].n_params // 8) - 2**30) // 8 < int(1e9)
+    assert tight == (20 * 2**30 - 2 * -(-load_inventory("65b").n_params // 8) - 2**30) // 8 < int(1e9)
     assert auto_gathering(numels("65b"), 8, 2, 16 * 2**30)["stage3_max_live_parameters"] == max(numels("65b"))
     with pytest.raises(ValueError):
         auto_gathering(small, 0)
@@ -40,7 +39,7 @@ def test_rule_bounds_and_monotone():
 
 def test_planner_per_rank_peak_falls_with_gpus_and_beats_one_process():
     """The issue's target, as the planner sees it: 58M, fp32, seq 256 x 2, CPU (what docs/benchmarks.md measures)."""
-    shape = PRESETS["small"]
+    shape = load_inventory("small")
     totals, default = {}, {}
     for gpus in (1, 2, 3):
         zero = ZeroKnobs.from_ds_config(auto_gathering(numels("small"), gpus, 4))
@@ -82,4 +81,4 @@ def test_planner_fills_auto_from_a_shipped_config(capsys):
                for c in ("zero3_fp16.json", "zero3_bf16.json", "zero3_bf16_adalomo.json") for k in KEYS)
     main(["--model", "7b", "--gpus", "8", "--gpu-mem-gb", "24", "--json", "--ds-config", f"{root}/configs/zero3_fp16.json"])
     gathered = json.loads(capsys.readouterr().out)["modes"]["lomo"]["gathered_working_set"]
-    assert gathered == 2 * (PRESETS["7b"].n_params // 16)
+    assert gathered == 2 * (load_inventory("7b").n_params // 16)

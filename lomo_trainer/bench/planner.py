@@ -3,11 +3,14 @@
     python -m lomo_trainer.planner --model 65b --gpus 8 --gpu-mem-gb 24 --seq-len 512 --batch 1 \
         --activation-checkpointing
 
-The arithmetic follows what DeepSpeed 0.19.8 and transformers 5.x allocate (read from their code, checked
-against the benchmark's measurements; see docs/benchmarks.md):
+The model is its parameter inventory (``inventory.py``: the config instantiated on the meta device, any HF
+causal LM, dense or mixture-of-experts); the activation and logit terms are ``activations.py``'s. The arithmetic
+follows what DeepSpeed 0.19.8 and transformers 5.x allocate (read from their code, checked against the benchmark's
+measurements; see docs/benchmarks.md):
 
 - parameter shards: every parameter's ``ds_tensor`` holds ``ceil(numel / gpus)`` elements (0 on the GPU with
-  ``offload_param``); parameters under ``stage3_param_persistence_threshold`` also stay gathered, whole.
+  ``offload_param``); parameters of at most ``stage3_param_persistence_threshold`` elements also stay gathered,
+  whole.
 - gathered working set: ZeRO-3 gathers module by module, but once its trace is complete (from the second
   step on) it does not release what it will need again soon, so training reaches backward with a whole tail
   of the model gathered (measured on DeepSpeed 0.19.8 by counting gathered parameters; docs/benchmarks.md):
@@ -18,6 +21,8 @@ against the benchmark's measurements; see docs/benchmarks.md):
   stays gathered whole, and a bigger one keeps 1e9 elements gathered (1.9 GiB in 16 bits) on every GPU.
   Forward only: the prefetcher still runs ``stage3_max_live_parameters`` ahead. On one GPU nothing is copied:
   a gathered parameter is a view of its (whole) shard.
+- mixture-of-experts without activation checkpointing: every layer's fused expert tensors stay alive from their
+  forward to their backward, whatever the gathering limits (``held_expert_views``).
 - gradients: LOMO and the floor hold one full gradient at a time (the largest parameter's, in the weight
   dtype). LOMO adds the reduce-scatter's output (the shard, on several GPUs) and its fp32 update math, done in
   slices of at most ``UPDATE_CHUNK`` elements (fp32 gradient and weight: 8 B each). DeepSpeed's ZeRO-3 optimizer keeps a partitioned gradient buffer
@@ -32,14 +37,10 @@ against the benchmark's measurements; see docs/benchmarks.md):
   training dtype) lives through the whole step; the update then runs from it in LOMO's fp32 slices.
 - optimizer states: AdamW = fp32 master + m + v (12 B per element of the shard; the master copy is the weight
   itself in fp32 training); SGD without momentum = fp32 master (4 B); LOMO = 0.
-- activations (HF LLaMA with SDPA/flash attention, no s^2 term), bytes per token per layer, d = weight bytes:
-  ``d * (7h + 2 kv + 4i) + 8h + 4 heads``: norm inputs upcast to fp32 and normalised (4h + d h each, two norms),
-  norm outputs (2 d h), q/k/v after RoPE (d (h + 2 kv)), attention output and o_proj input (2 d h), the
-  SwiGLU gate, SiLU, up and product (4 d i), and the attention log-sum-exp (4 heads). With activation
-  checkpointing: each layer's input (d h) plus one layer recomputed.
-- the loss: the logits are upcast to fp32 for the cross entropy; its backward holds the saved log-probs, their
-  gradient and the logits' gradient at once: 12 B x vocab per token. The peak of backward is the larger of that
-  moment and the LM-head backward (logits gradient d x vocab per token + the largest full gradient).
+- activations and the loss: ``activations.py``, term by term (for a LLaMA layer ``d (7h + 2 kv + 4i) + 8h +
+  4 heads`` bytes per token; MoE layers count tokens x experts-per-token routed copies). The peak of backward is
+  the larger of the loss backward and the LM-head backward (logits gradient d x vocab per token + the largest
+  full gradient).
 - AdamW/SGD also have a step phase (no activations; the fp32 gradient, and torch's multi-tensor AdamW makes
   one more fp32 temporary of the shard); the peak is the larger phase.
 - framework overhead (GPU only, for the verdict): CUDA context + cuBLAS workspace + NCCL buffers, about
@@ -52,8 +53,10 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, field
 
+from ..errors import ConfigError
 from ..gathering import fill_auto
-from .llama_shapes import LlamaShape, ceil_div, from_hf_config, gib, load_shape
+from . import activations as act
+from .inventory import Inventory
 
 # LOMO's update runs in slices of this many elements (optimizer.UPDATE_CHUNK; a test keeps them equal). Not
 # imported: the planner is arithmetic and must not pull in torch.
@@ -114,12 +117,15 @@ class Setup:
         return self.seq_len * self.batch
 
 
-def activation_bytes_per_token_layer(shape: LlamaShape, d: int) -> int:
-    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
-    return d * (7 * h + 2 * kv + 4 * i) + 8 * h + 4 * shape.heads
+def gib(n_bytes: float) -> float:
+    return n_bytes / 2**30
 
 
-def gathered_parameters(shape: LlamaShape, z: ZeroKnobs, training: bool = True) -> int:
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b) if b > 0 else a
+
+
+def gathered_parameters(inv: Inventory, z: ZeroKnobs, training: bool = True) -> int:
     """Elements ZeRO-3 holds gathered at the peak, once its trace is complete (see the module docstring).
 
     The trace is the forward's modules, then the same in reverse for backward. A module released in forward
@@ -128,7 +134,7 @@ def gathered_parameters(shape: LlamaShape, z: ZeroKnobs, training: bool = True) 
     DeepSpeed in tests/test_planner.py. The prefetcher keeps what it fetched ahead, up to
     ``max_live_parameters`` (DeepSpeed overshoots it by the last module fetched: 2% on a 268M model; see
     scripts/probe_gathered.py)."""
-    sizes = [k for _, k in shape.param_shapes()]  # one module per parameter, in forward order
+    sizes = inv.module_numels()  # per module, in module (registration) order
     n = sum(sizes)
     prefetch = z.prefetch_bucket_size > 0
     if not training:  # the module running, or what is prefetched ahead (the embedding is fetched on demand)
@@ -139,31 +145,54 @@ def gathered_parameters(shape: LlamaShape, z: ZeroKnobs, training: bool = True) 
         if 2 * after < z.max_reuse_distance:
             reuse_tail += k
         after += k
-    head = sizes[0] if shape.tie_embeddings else sizes[-1]
-    return max(reuse_tail, prefetched, head)  # the LM head at least, for its own backward
+    return max(reuse_tail, prefetched, inv.head_numel)  # the LM head at least, for its own backward
 
 
-def adalomo_state_numel(shape: LlamaShape, gpus: int) -> int:
-    """fp32 elements of AdaLomo's state on one device: rows + cols of every weight matrix (replicated on the ranks
-    of its partition group: each needs the whole parameter's factors) and this rank's span of each norm weight's
-    full second moment. Per-parameter step counters (one float each) are left out."""
-    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
-    per_layer = 2 * (h + h) + 2 * (kv + h) + 3 * (i + h) + 2 * ceil_div(h, gpus)
-    embeddings = (shape.vocab + h) * (1 if shape.tie_embeddings else 2)
-    return embeddings + shape.layers * per_layer + ceil_div(h, gpus)
+def held_expert_views(inv: Inventory, gathered: int) -> int:
+    """Elements of fused expert tensors (3-D) that stay alive outside ZeRO-3's gathered tail of ``gathered``
+    elements, from their forward to their backward, when activations are not checkpointed. The expert kernels
+    (eager: ``gate_up_proj[e]``; grouped_mm: ``gate_up_proj.transpose(-2, -1)``) hand autograd a *view* of the
+    gathered parameter, and a saved view keeps the gathered storage: ZeRO-3's release swaps the parameter's own
+    ``data`` for an empty tensor and frees nothing. ``nn.Linear`` saves the parameter itself, whose storage the
+    release does swap, so dense layers hold nothing extra. Measured: docs/benchmarks.md ("Beyond LLaMA")."""
+    tail, extra = 0, 0
+    modules: dict[str, list] = {}
+    for p in inv.params:
+        modules.setdefault(p.module, []).append(p)
+    for params in reversed(list(modules.values())):  # backward order: the gathered tail comes first
+        size = sum(p.numel for p in params)
+        if tail + size <= gathered:
+            tail += size
+            continue
+        extra += sum(p.numel for p in params if len(p.shape) >= 3)
+    return extra
 
 
-def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
+def adalomo_state_numel(inv: Inventory, gpus: int) -> int:
+    """fp32 elements of AdaLomo's state on one device: rows + cols of every matrix (a 3-D expert tensor: of each of
+    its matrices over the last two dimensions; replicated on the ranks of its partition group: each needs the whole
+    parameter's factors) and this rank's span of each vector's full second moment. Per-parameter step counters
+    (one float each) are left out."""
+    total = 0
+    for p in inv.params:
+        if len(p.shape) >= 2:
+            total += (p.numel // (p.shape[-2] * p.shape[-1])) * (p.shape[-2] + p.shape[-1])
+        else:
+            total += ceil_div(p.numel, gpus)
+    return total
+
+
+def breakdown(inv: Inventory, setup: Setup, mode: str) -> dict:
     """Predicted per-device peak for ``mode`` (one of MODES), as a dict of byte terms with ``total``
     (what ``max_memory_allocated`` / RSS above baseline should show) and ``total_with_overhead``."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     d, g, z, T = DTYPE_BYTES[setup.dtype], setup.gpus, setup.zero, setup.tokens
-    params = shape.param_shapes()
-    n = shape.n_params
-    n_shard = sum(ceil_div(k, g) for _, k in params)     # elements of this device's shards, padding included
-    persistent_numel = sum(k for _, k in params if k < z.param_persistence_threshold)
-    largest = shape.largest_param
+    numels = inv.numels
+    n = sum(numels)
+    n_shard = sum(ceil_div(k, g) for k in numels)        # elements of this device's shards, padding included
+    persistent_numel = sum(p.numel for p in inv.persistent(z.param_persistence_threshold))
+    largest = inv.largest.numel
     training = mode != "fwd"
 
     t: dict[str, int] = {}
@@ -171,7 +200,10 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
     t["persistent_params"] = d * persistent_numel
     # One rank: DeepSpeed's "gather" makes the parameter a view of its whole shard (NoGatherHandle), no copy
     alias = g == 1 and not setup.offload_param
-    t["gathered_working_set"] = 0 if alias else d * gathered_parameters(shape, z, training)
+    gathered = gathered_parameters(inv, z, training)
+    if training and not setup.activation_checkpointing:  # MoE: saved views of gathered expert tensors
+        gathered = min(sum(numels), gathered + held_expert_views(inv, gathered))
+    t["gathered_working_set"] = 0 if alias else d * gathered
 
     # Gradients: buffers that live through the whole step, and the one full gradient in flight.
     grad_buffers = 0
@@ -194,29 +226,24 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
 
     master = 0 if d == 4 else 4 * n_shard
     t["optimizer_states"] = {"adamw": master + 8 * n_shard, "sgd": master,
-                             "adalomo": 4 * adalomo_state_numel(shape, g)}.get(mode, 0)
+                             "adalomo": 4 * adalomo_state_numel(inv, g)}.get(mode, 0)
     adam_temp = 0 if (setup.device == "cuda" and setup.fused_adamw) else 4 * n_shard
     # The step makes the fp32 gradient of the shard, and multi-tensor AdamW one more fp32 temporary.
     t["optimizer_step_temporaries"] = (4 * n_shard + (adam_temp if mode == "adamw" else 0)) if mode in ("adamw", "sgd") else 0
     if mode == "lomo_accum":  # the update from the buffer: fp32 gradient and weight of one slice
         t["optimizer_step_temporaries"] = 8 * min(ceil_div(largest, g), UPDATE_CHUNK)
 
-    per_layer = activation_bytes_per_token_layer(shape, d)
-    norm_out = (4 * shape.hidden + 2 * d * shape.hidden) * T           # final RMSNorm, saved for backward
+    dims = inv.dims
     if not training:  # no_grad: nothing saved; a layer's transients, then the logits, their fp32 copy and log-probs
-        t["activations"] = d * (2 * shape.hidden + 3 * shape.intermediate) * T
-        t["loss_logits"] = (d + 8 - (4 if d == 4 else 0)) * shape.vocab * T
-    elif setup.activation_checkpointing:
-        t["activations"] = d * shape.hidden * T * shape.layers + per_layer * T + norm_out
-        t["loss_logits"] = 12 * shape.vocab * T
+        t["activations"], t["loss_logits"] = act.forward_bytes(dims, d, T)
     else:
-        t["activations"] = per_layer * T * shape.layers + norm_out
-        t["loss_logits"] = 12 * shape.vocab * T
+        t["activations"] = act.training_activations(dims, d, T, setup.activation_checkpointing)
+        t["loss_logits"] = act.loss_bytes(dims, T)
 
     static = t["param_shards"] + t["persistent_params"] + grad_buffers + t["optimizer_states"]
     if training:
         # Backward's peak: the cross-entropy backward, or the LM head's backward with its full gradient.
-        head = d * shape.vocab * T + grad_in_flight
+        head = d * dims.vocab * T + grad_in_flight
         backward = static + t["gathered_working_set"] + t["activations"] + max(t["loss_logits"], head)
         step = static + t["optimizer_step_temporaries"]
         t["peak_moment"] = "loss backward" if t["loss_logits"] >= head else "lm_head backward"
@@ -237,54 +264,73 @@ def breakdown(shape: LlamaShape, setup: Setup, mode: str) -> dict:
 def check_fits(model_config, *, mode: str, gpus: int, gpu_mem_bytes: int, seq_len: int, batch: int, dtype: str,
                accum_dtype: str = "fp32", activation_checkpointing: bool = False, ds_config: dict | None = None) -> str:
     """LOMOTrainer's start-up check (``check_memory``, off by default): the planner's verdict for this run, as one
-    line; raises ValueError naming the figures when it predicts the setting does not fit."""
+    line. Any HF causal LM whose config instantiates on the meta device is planned; ConfigError (one line, starting
+    "check_memory:") when the config cannot be read or the setting is predicted not to fit."""
+    from .inventory import build_inventory
+
     zero = (ds_config or {}).get("zero_optimization", {})
     setup = Setup(gpus=gpus, gpu_mem_gb=gpu_mem_bytes / 2**30, seq_len=seq_len, batch=batch, dtype=dtype,
                   accum_dtype=accum_dtype, activation_checkpointing=activation_checkpointing,
                   offload_param=(zero.get("offload_param") or {}).get("device", "none") == "cpu",
                   zero=ZeroKnobs.from_ds_config({k: v for k, v in zero.items() if v != "auto"}))
-    t = breakdown(from_hf_config(model_config), setup, mode)
+    try:
+        inv = build_inventory(model_config)
+    except ConfigError as e:
+        raise ConfigError(f"check_memory: {e} (or set check_memory false)") from None
+    t = breakdown(inv, setup, mode)
     line = (f"{mode} on {gpus} x {setup.gpu_mem_gb:.1f} GiB, {dtype}, seq {seq_len} x batch {batch}: predicted "
             f"{gib(t['total_with_overhead']):.2f} GiB per GPU (buffer {gib(t['gradient_buffers']):.2f} GiB)")
     if not t["fits"]:
-        raise ValueError(f"check_memory: {line} does not fit; lower the batch or sequence, use a 16-bit "
-                         "accumulation_dtype or clip_mode other than \"buffered\", or drop check_memory to try anyway")
+        raise ConfigError(f"check_memory: {line} does not fit; lower the batch or sequence, use a 16-bit "
+                          "accumulation_dtype or clip_mode other than \"buffered\", or drop check_memory to try anyway")
     return line
 
 
-def plan(shape: LlamaShape, setup: Setup, modes=OPTIMIZERS) -> dict:
-    return {"model": shape.as_dict(), "setup": asdict(setup),
-            "modes": {m: breakdown(shape, setup, m) for m in modes}}
+def plan(inv: Inventory, setup: Setup, modes=OPTIMIZERS) -> dict:
+    model = {k: v for k, v in inv.to_dict().items() if k != "params"}
+    model["largest"] = {"name": inv.largest.name, "shape": list(inv.largest.shape)}
+    return {"model": model, "setup": asdict(setup), "modes": {m: breakdown(inv, setup, m) for m in modes}}
 
 
-def format_plan(shape: LlamaShape, setup: Setup, modes=OPTIMIZERS) -> str:
+def describe(inv: Inventory) -> str:
+    """One line: the model's size and the dimensions the activation terms use."""
+    m = inv.dims
+    moe = (f", {m.moe_layers} MoE layers x {m.experts} experts ({m.experts_per_token} per token, width "
+           f"{m.moe_intermediate})" if m.moe_layers else "")
+    dense = f"intermediate {m.intermediate}, " if m.intermediate else ""
+    return (f"model {inv.name} ({inv.model_type}): {inv.n_params / 1e9:.3f} B params (hidden {m.hidden}, "
+            f"{dense}layers {m.layers}, heads {m.heads}/{m.kv_heads} kv x head_dim "
+            f"{m.head_dim}, vocab {m.vocab}{moe}{', tied embeddings' if inv.tie_embeddings else ''})")
+
+
+def format_plan(inv: Inventory, setup: Setup, modes=OPTIMIZERS) -> str:
     d, g = DTYPE_BYTES[setup.dtype], setup.gpus
-    n = shape.n_params
-    lines = [f"model {shape.name}: {n / 1e9:.3f} B params (hidden {shape.hidden}, intermediate {shape.intermediate}, "
-             f"layers {shape.layers}, heads {shape.heads}/{shape.kv_heads} kv, vocab {shape.vocab})",
+    n, dims = inv.n_params, inv.dims
+    lines = [describe(inv),
              f"setup: {g} x {setup.gpu_mem_gb:g} GB, {setup.dtype} ({d} B), seq {setup.seq_len} x batch {setup.batch}"
              f" = {setup.tokens} tokens/GPU, activation checkpointing {'on' if setup.activation_checkpointing else 'off'},"
              f" parameters offloaded {'yes' if setup.offload_param else 'no'}", ""]
-    per_layer = activation_bytes_per_token_layer(shape, d)
+    per_layer = max(act.layer_bytes(dims, d, moe) for moe in {dims.moe_layers > 0, dims.moe_layers < dims.layers})
+    largest = inv.largest
     how = {
         "param_shards": "0 (offloaded to CPU)" if setup.offload_param else f"{d} B x {n / 1e9:.3f} B / {g}",
-        "persistent_params": f"{d} B x params < {setup.zero.param_persistence_threshold:.0e} elements, whole",
+        "persistent_params": f"{d} B x params <= {setup.zero.param_persistence_threshold:.0e} elements, whole",
         "gathered_working_set": f"{d} B x what ZeRO-3 keeps gathered into backward (max_live_parameters"
                                 f" {setup.zero.max_live_parameters:.0e}, max_reuse_distance {setup.zero.max_reuse_distance:.0e})",
         "gradient_buffers": f"SGD/AdamW: {d} B x {n / 1e9:.3f} B / {g} + {d} B x reduce bucket; lomo_accum: "
                             f"{DTYPE_BYTES[setup.accum_dtype]} B ({setup.accum_dtype}) x {n / 1e9:.3f} B / {g}",
-        "gradient_in_flight": f"{d} B x largest parameter {shape.largest_param / 1e6:.1f} M"
+        "gradient_in_flight": f"{d} B x largest parameter {largest.numel / 1e6:.1f} M ({largest.name})"
                               " (LOMO: + its reduced shard, and fp32 gradient and weight of one update slice)",
         "optimizer_states": "AdamW 12 B / SGD 4 B / LOMO 0 x params / gpus (fp32 master counted only for 16-bit)",
         "optimizer_step_temporaries": "step: fp32 gradient of the shard (+1 fp32 shard: multi-tensor AdamW; "
                                       "lomo_accum: one fp32 slice)",
-        "activations": (f"{d} B x h x {setup.tokens} tokens x {shape.layers} layers + one layer {per_layer} B/token"
+        "activations": (f"{d} B x h x {setup.tokens} tokens x {dims.layers} layers + one layer {per_layer} B/token"
                         if setup.activation_checkpointing else
-                        f"{per_layer} B/token/layer x {setup.tokens} tokens x {shape.layers} layers"),
-        "loss_logits": f"12 B x vocab {shape.vocab} x {setup.tokens} tokens (fp32 cross entropy)",
+                        f"up to {per_layer} B/token/layer x {setup.tokens} tokens x {dims.layers} layers"),
+        "loss_logits": f"12 B x vocab {dims.vocab} x {setup.tokens} tokens (fp32 cross entropy)",
     }
     for mode in modes:
-        t = breakdown(shape, setup, mode)
+        t = breakdown(inv, setup, mode)
         lines.append(f"== {mode}")
         for key, text in how.items():
             lines.append(f"  {key:28s} {gib(t[key]):9.3f} GiB   {text}")
@@ -298,10 +344,23 @@ def format_plan(shape: LlamaShape, setup: Setup, modes=OPTIMIZERS) -> str:
     return "\n".join(lines)
 
 
+def zero_knobs(ds_config_path: str | None, inv: Inventory, gpus: int, dtype: str, gpu_mem_gb: float) -> ZeroKnobs:
+    """The zero_optimization knobs of a DeepSpeed JSON ("auto" gathering limits filled as LOMOTrainer fills them;
+    other "auto" and missing keys: DeepSpeed's defaults), or DeepSpeed's defaults without one."""
+    if not ds_config_path:
+        return ZeroKnobs()
+    with open(ds_config_path) as f:
+        knobs = json.load(f).get("zero_optimization", {})
+    knobs = fill_auto(knobs, inv.numels, gpus, DTYPE_BYTES[dtype], int(gpu_mem_gb * 2**30))
+    return ZeroKnobs.from_ds_config({k: v for k, v in knobs.items() if v != "auto"})
+
+
 def main(argv=None) -> None:
+    from .presets import PRESETS
+
     ap = argparse.ArgumentParser(prog="python -m lomo_trainer.planner", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="preset (7b, 13b, 30b, 65b, 1b, small, tiny), a LLaMA hub name "
-                    "of a known size, or a local folder / config.json")
+    ap.add_argument("--model", required=True, help=f"a preset ({', '.join(PRESETS)}), a hub name of one, or a "
+                    "local folder / config.json of any HF causal LM")
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--gpu-mem-gb", type=float, default=24.0)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -314,27 +373,33 @@ def main(argv=None) -> None:
     ap.add_argument("--ds-config", help="a DeepSpeed JSON whose zero_optimization knobs size ZeRO-3's buffers "
                     "(\"auto\" gathering limits: filled as LOMOTrainer fills them, gathering.py; other "
                     "\"auto\" and missing keys: DeepSpeed's defaults)")
+    ap.add_argument("--modes", default=",".join(OPTIMIZERS), help="comma-separated subset of " + ",".join(MODES))
     ap.add_argument("--json", action="store_true", help="print the breakdown as JSON instead")
     args = ap.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
     try:
-        shape = load_shape(args.model)
-        zero = ZeroKnobs()
-        if args.ds_config:
-            with open(args.ds_config) as f:
-                knobs = json.load(f).get("zero_optimization", {})
-            d = DTYPE_BYTES[args.dtype]
-            knobs = fill_auto(knobs, [k for _, k in shape.param_shapes()], args.gpus, d, int(args.gpu_mem_gb * 2**30))
-            zero = ZeroKnobs.from_ds_config({k: v for k, v in knobs.items() if v != "auto"})
+        if any(m not in MODES for m in modes):
+            raise ValueError(f"--modes: choose from {','.join(MODES)}, got {args.modes!r}")
+        inv = load_inventory(args.model)
         setup = Setup(gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb, seq_len=args.seq_len, batch=args.batch,
                       dtype=args.dtype, accum_dtype=args.accum_dtype,
-                      activation_checkpointing=args.activation_checkpointing,
-                      offload_param=args.offload_param, zero=zero)
+                      activation_checkpointing=args.activation_checkpointing, offload_param=args.offload_param,
+                      zero=zero_knobs(args.ds_config, inv, args.gpus, args.dtype, args.gpu_mem_gb))
     except (ValueError, OSError) as e:
         ap.error(str(e))
     if args.json:
-        print(json.dumps(plan(shape, setup), indent=1))
+        print(json.dumps(plan(inv, setup, modes), indent=1))
     else:
-        print(format_plan(shape, setup))
+        print(format_plan(inv, setup, modes))
+
+
+def load_inventory(spec: str) -> Inventory:
+    """``--model`` to an inventory: a preset, a hub name of one, a config.json or a local folder (presets.py)."""
+    from .inventory import build_inventory
+    from .presets import load_config
+
+    name, cfg = load_config(spec)
+    return build_inventory(cfg, name=name)
 
 
 if __name__ == "__main__":

@@ -49,9 +49,7 @@ def _summarise(mode: str, ranks: list[dict], cfg: dict, pred: dict) -> dict:
 
 
 def _full_grad_bytes(cfg: dict) -> int:
-    from .llama_shapes import LlamaShape
-
-    return LlamaShape(**cfg["shape"]).n_params * {"fp32": 4}.get(cfg["dtype"], 2)
+    return cfg["n_params"] * {"fp32": 4}.get(cfg["dtype"], 2)
 
 
 def build(cfg: dict, results: dict, predictions: dict) -> dict:
@@ -76,10 +74,7 @@ def build(cfg: dict, results: dict, predictions: dict) -> dict:
         if base.get("status") == "ok":
             row["peak_vs_adamw"] = row["peak_mib"] / base["peak_mib"]
             row["throughput_vs_adamw"] = row["tokens_per_s_per_device"] / base["tokens_per_s_per_device"]
-    from .llama_shapes import LlamaShape
-
-    n = LlamaShape(**cfg["shape"]).n_params
-    return {"config": cfg, "n_params": n, "rows": rows,
+    return {"config": cfg, "n_params": cfg["n_params"], "rows": rows,
             "planner": {m: {k: v for k, v in p.items()} for m, p in predictions.items()},
             "notes": _notes(cfg)}
 
@@ -113,7 +108,8 @@ def _f(v, fmt="{:.1f}"):
 
 def markdown(report: dict) -> str:
     cfg = report["config"]
-    head = (f"Model {cfg['shape']['name']} ({report['n_params'] / 1e6:.1f} M params, random weights), "
+    head = (f"Model {cfg['model']} ({cfg['model_config'].get('model_type')}, {report['n_params'] / 1e6:.1f} M params, "
+            "random weights), "
             f"{cfg['dtype']}, seq {cfg['seq_len']} x batch {cfg['batch']}, {cfg['world_size']} {cfg['device']} rank(s), "
             f"activation checkpointing {'on' if cfg['activation_checkpointing'] else 'off'}, "
             f"{cfg['warmup']} warm-up + {cfg['steps']} timed steps"

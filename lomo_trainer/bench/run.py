@@ -1,6 +1,7 @@
 """Memory and speed of LOMO against DeepSpeed ZeRO-3 AdamW, SGD, the fwd+bwd floor and forward only.
 
     python -m lomo_trainer.bench --preset small --seq-len 256 --batch 2 --steps 3 --world-size 2 --out runs/bench
+    python -m lomo_trainer.bench --preset qwen3-moe-small ...     # any preset, or --model-config of any HF causal LM
 
 Every mode runs in fresh processes (one per rank; forked on CPU, spawned on CUDA so no rank inherits a CUDA
 context), so peaks never mix. Writes OUT/bench.md (also printed), OUT/bench.json and OUT/bench.png.
@@ -19,8 +20,9 @@ import sys
 from . import report as bench_report
 from ..gathering import KEYS as GATHERING_KEYS
 from ..gathering import fill_auto
-from .llama_shapes import PRESETS, LlamaShape, load_shape
+from .inventory import Inventory, build_inventory
 from .planner import DTYPE_BYTES, Setup, ZeroKnobs, breakdown
+from .presets import PRESETS, load_config
 from .worker import MODES
 
 # step-time ratios reported with median and spread over --repeat rounds: (numerator, denominator, meaning)
@@ -72,17 +74,17 @@ def run_mode(mode: str, cfg: dict, timeout: float = 3600) -> list[dict]:
 
 
 def predict(cfg: dict) -> dict:
-    shape = LlamaShape(**cfg["shape"])
+    inv = build_inventory(cfg["model_config"], name=cfg["model"])
     setup = Setup(gpus=cfg["world_size"], gpu_mem_gb=cfg.get("fit_gb") or 80.0, seq_len=cfg["seq_len"],
                   batch=cfg["batch"], dtype=cfg["dtype"], activation_checkpointing=cfg["activation_checkpointing"],
                   offload_param=cfg["offload_param"], device=cfg["device"], fused_adamw=cfg["device"] == "cuda",
                   zero=ZeroKnobs.from_ds_config(cfg.get("zero") or {}))
-    return {m: breakdown(shape, setup, MODES[m].plan or m) for m in MODES}
+    return {m: breakdown(inv, setup, MODES[m].plan or m) for m in MODES}
 
 
-def resolve_zero(overrides: dict, shape: LlamaShape, world: int, dtype: str, mem_bytes: int | None) -> dict:
+def resolve_zero(overrides: dict, inv: Inventory, world: int, dtype: str, mem_bytes: int | None) -> dict:
     """zero_optimization overrides with "auto" gathering limits filled for this model, world and memory."""
-    return fill_auto(overrides, [k for _, k in shape.param_shapes()], world, DTYPE_BYTES[dtype], mem_bytes)
+    return fill_auto(overrides, inv.numels, world, DTYPE_BYTES[dtype], mem_bytes)
 
 
 def fit_gb(cfg: dict) -> float | None:
@@ -128,7 +130,8 @@ def _cuda_available() -> bool:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m lomo_trainer.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="small", help=f"model preset: {', '.join(PRESETS)} (random weights)")
-    ap.add_argument("--model-config", help="a LLaMA config.json or local model folder (overrides --preset)")
+    ap.add_argument("--model-config", help="a config.json or local model folder of any HF causal LM, or a hub name of "
+                    "a preset (overrides --preset; random weights)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per mode, after --warmup")
@@ -180,17 +183,18 @@ def main(argv=None) -> dict:
 
         _zero.disable_cpu_shm_build()
     try:
-        shape = load_shape(args.model_config or args.preset)
+        name, model_config = load_config(args.model_config or args.preset)
+        inv = build_inventory(model_config, name=name)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    cfg = {"shape": {k: v for k, v in shape.as_dict().items() if k != "n_params"}, "seq_len": args.seq_len,
+    cfg = {"model": name, "model_config": model_config, "n_params": inv.n_params, "seq_len": args.seq_len,
            "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "world_size": args.world_size,
            "dtype": args.dtype, "activation_checkpointing": args.activation_checkpointing,
            "offload_param": args.offload_param, "memory_cap_gb": args.memory_cap_gb, "device": device,
            "threads": args.threads, "lr": args.lr, "repeat": args.repeat}
     cfg["fit_gb"] = fit_gb(cfg)
     mem = int(cfg["fit_gb"] * 2**30) if device == "cuda" and cfg["fit_gb"] else None
-    cfg["zero"] = resolve_zero(args.zero, shape, args.world_size, args.dtype, mem)
+    cfg["zero"] = resolve_zero(args.zero, inv, args.world_size, args.dtype, mem)
     predictions = predict(cfg)
     unfit = [m for m in modes if cfg["fit_gb"] and not args.run_unfit
              and predictions[m]["total_with_overhead"] > cfg["fit_gb"] * 2**30]

@@ -1,6 +1,6 @@
 """One benchmark mode on one rank: build the ZeRO-3 engine, run the steps, measure memory and time.
 
-Modes (the same random-weight LLaMA, batch and sequence length in each) are rows of ``MODES``: a new mode is
+Modes (the same random-weight model, batch and sequence length in each) are rows of ``MODES``: a new mode is
 one ``Mode`` entry (its step, and a torch optimizer if DeepSpeed's ZeRO-3 optimizer is to wrap one).
 """
 from __future__ import annotations
@@ -150,22 +150,21 @@ def _sync(device):
 
 
 def build_model(mode: str, cfg: dict):
-    """The random-weight LLaMA, built under zero.Init: each module is partitioned as it is constructed, so a 7B
-    model never exists whole on one rank (tests/test_bench.py checks a rank's bytes)."""
+    """The random-weight model of ``cfg["model_config"]`` (any HF causal LM config dict), built under zero.Init: each
+    module is partitioned as it is constructed, so a 7B model never exists whole on one rank (tests/test_bench.py
+    checks a rank's bytes)."""
     import deepspeed
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from .llama_shapes import LlamaShape
+    from .inventory import to_hf_config
 
-    shape = LlamaShape(**cfg["shape"])
-    hf_cfg = shape.to_hf_config(attn_implementation=cfg.get("attention", "sdpa"),
-                                max_position_embeddings=max(cfg["seq_len"], 64))
+    hf_cfg = to_hf_config({**cfg["model_config"], "attn_implementation": cfg.get("attention", "sdpa")})
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["dtype"]]
     torch.manual_seed(cfg.get("seed", 0))
     # The dtype comes from the config's fp16/bf16 blocks: DeepSpeed 0.19.8's explicit ``dtype=`` path is
     # ``dtype or fp16 if fp16_supported else bf16`` (precedence), which gives bf16 for fp32 on most CPUs.
     with deepspeed.zero.Init(config_dict_or_path=ds_config(mode, cfg)):
-        model = LlamaForCausalLM(hf_cfg)
+        model = AutoModelForCausalLM.from_config(hf_cfg)
     built = {p.dtype for p in model.parameters()}
     if built != {dtype}:
         raise RuntimeError(f"asked for {cfg['dtype']} parameters, zero.Init built {sorted(map(str, built))}")
@@ -216,7 +215,7 @@ def _run(mode, cfg, rank, device, meter, baseline) -> dict:
             p.register_post_accumulate_grad_hook(record)
     mode_step = spec.make_step(engine, cfg, device)
 
-    vocab, B, S = cfg["shape"]["vocab"], cfg["batch"], cfg["seq_len"]
+    vocab, B, S = module.get_input_embeddings().num_embeddings, cfg["batch"], cfg["seq_len"]
     gen = torch.Generator().manual_seed(1000 + rank)
     batches = [torch.randint(0, vocab, (B, S), generator=gen).to(device) for _ in range(2)]
 
