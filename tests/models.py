@@ -92,3 +92,12 @@ def reference_sgd(model: nn.Module, steps: int, world: int, vocab: int, lr: floa
                            max_norm=clip_grad_norm, per_param=per_param, max_value=clip_grad_value)
 
 
+def reference_adalomo(model, steps, world, vocab, lr, weight_decay=0.0, clip_threshold=1.0, decay_rate=-0.8,
+                      eps=(1e-30, 1e-3), clip_grad_norm=None, clip_grad_value=None, per_param=False, batches=None,
+                      keep=lambda name: True):
+    """float64 AdaLomo (tests/reference.py) on the rank-averaged loss, over the parameters ``keep`` names (the
+    others stay fixed)."""
+    get = (lambda s, r: batches[s][r]) if batches is not None else (lambda s, r: batch(s, r, vocab))
+    rule = reference.adalomo(lr, weight_decay, clip_threshold, decay_rate, eps)
+    return reference.train(model, steps, reference.rank_mean_loss(world, get), rule, keep=keep,
+                           max_norm=clip_grad_norm, per_param=per_param, max_value=clip_grad_value)

@@ -97,6 +97,17 @@ def train(model, steps: int, loss_of, rule=None, rule_of=None, keep=lambda name:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def assert_close(result, ref, init, rtol=2e-5):
+    """Every parameter of ``result`` within ``rtol`` of how far the reference moved it from ``init`` (plus fp32's
+    rounding), and each one moved enough for a wrong update to show."""
+    assert set(result) == set(ref)
+    for name, expected in ref.items():
+        moved = (expected - init[name]).abs().max().item()
+        err = (result[name] - expected).abs().max().item()
+        assert moved > 1e-5, f"{name} hardly moved ({moved:.1e}): the test could not see a wrong update"
+        assert err <= rtol * moved + 1e-7, f"{name}: off by {err:.2e} (moved {moved:.2e})"
+
+
 def rank_mean_loss(world: int, batch_of):
     """The loss DDP and LOMO average: the mean over ranks of each rank's loss on ``batch_of(step, rank)``."""
     def loss(model, step):

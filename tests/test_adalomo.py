@@ -13,8 +13,8 @@ from torch import nn
 from distributed import run_ranks
 from lomo_trainer import LOMO
 from lomo_trainer.optim import AdaLomo
-import reference
-from models import VOCAB, OddLM, allow_cpu_fp16, batch, tiny_llama
+from models import VOCAB, OddLM, allow_cpu_fp16, batch, reference_adalomo, tiny_llama
+from reference import assert_close
 
 STEPS = 3
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
@@ -53,26 +53,6 @@ def build(kind):
 
 
 # ---------------------------------------------------------------- the independent reference
-def reference_adalomo(model, steps, world, vocab, lr, weight_decay=0.0, clip_threshold=1.0, decay_rate=-0.8,
-                      eps=(1e-30, 1e-3), clip_grad_norm=None, clip_grad_value=None, per_param=False, batches=None,
-                      keep=lambda name: True):
-    """float64 AdaLomo (tests/reference.py) on the rank-averaged loss, over the parameters ``keep`` names (the
-    others stay fixed)."""
-    get = (lambda s, r: batches[s][r]) if batches is not None else (lambda s, r: batch(s, r, vocab))
-    rule = reference.adalomo(lr, weight_decay, clip_threshold, decay_rate, eps)
-    return reference.train(model, steps, reference.rank_mean_loss(world, get), rule, keep=keep,
-                           max_norm=clip_grad_norm, per_param=per_param, max_value=clip_grad_value)
-
-
-def assert_close(result, ref, init, rtol=2e-5):
-    assert set(result) == set(ref)
-    for name, expected in ref.items():
-        moved = (expected - init[name]).abs().max().item()
-        err = (result[name] - expected).abs().max().item()
-        assert moved > 1e-5, f"{name} hardly moved ({moved:.1e}): the test could not see a wrong update"
-        assert err <= rtol * moved + 1e-7, f"{name}: off by {err:.2e} (moved {moved:.2e})"
-
-
 # ---------------------------------------------------------------- ZeRO-3 ranks
 def train_zero3(rank, world, kind, opts, steps=STEPS, dtype=None, chunk=None, break_stats=False, fp16=None):
     if chunk is not None:  # forked rank: the parent keeps the default

@@ -11,14 +11,14 @@ import torch
 
 from distributed import run_ranks
 from lomo_trainer import LOMO
-from lomo_trainer.adalomo import AdaLomo
+from lomo_trainer.optim import AdaLomo
 from lomo_trainer.bench import activations as act
 from lomo_trainer.bench.inventory import Inventory, build_inventory, from_model, to_hf_config
 from lomo_trainer.bench.planner import adalomo_state_numel, check_fits, load_inventory
 from lomo_trainer.bench.presets import PRESETS
 from lomo_trainer.errors import ConfigError
-from models import VOCAB, batch, reference_sgd
-from test_adalomo import assert_close, reference_adalomo
+from models import VOCAB, batch, reference_adalomo, reference_sgd
+from reference import assert_close
 
 GPT2 = {"model_type": "gpt2", "vocab_size": VOCAB, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64,
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -194,6 +194,7 @@ def train_zero3(rank, world, kind, optimizer, opts):
     return params, inv.to_dict(), persistent, state
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_lomo_zero3_matches_float64_sgd(kind):
     opts = dict(lr=0.5, clip_grad_norm=1.0, weight_decay=0.01)
@@ -213,6 +214,7 @@ def test_lomo_zero3_matches_float64_sgd(kind):
     assert sorted(p.name for p in planned.persistent(int(1e5))) == persistent and persistent
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_adalomo_zero3_matches_float64_reference(kind):
     """3-D expert tensors factored over their last two dimensions (one row/column statistic per expert matrix)."""
@@ -243,6 +245,7 @@ def zero_shot_recorded(rank, world, model_dir, data_dir, out):
     return result, seen
 
 
+@pytest.mark.multirank
 def test_superglue_zero_shot_on_gemma3(tmp_path):
     """Batched, padded candidate scoring through the SuperGLUE CLI equals each pair scored alone, by hand."""
     from transformers import AutoModelForCausalLM

@@ -87,7 +87,7 @@ def test_zero3_adalomo_base_with_fixed_adapters_is_adalomo():
     """AdaLomo on the base: with the adapters' AdamW at lr 0 the base must follow test_adalomo's float64 reference
     (the adapter group takes no part in AdaLomo's statistics) and the adapters stay put. No norm clipping: the global
     norm would also count the adapters' gradients, which the base-only reference leaves out."""
-    from test_adalomo import reference_adalomo
+    from models import reference_adalomo
 
     global ADAMW
     saved, ADAMW = ADAMW, {"type": "AdamW", "params": {"lr": 0.0}}
