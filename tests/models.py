@@ -8,6 +8,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutput
 
 VOCAB = 1600  # 1600 x 64 = 102400 elements: the embedding is above DeepSpeed's default persistence threshold
+# The engine config of the optimizer tests: ZeRO-3 with DeepSpeed's defaults (persistence threshold included)
+DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
 
 
 def allow_cpu_fp16() -> None:

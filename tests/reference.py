@@ -1,7 +1,7 @@
 """Independent float64 references for every update rule the engine offers, sharing no code with lomo_trainer.
 
 Written from the definitions: plain autograd on a float64 copy of the model, the gradients clipped one way
-(``clipped``), then each parameter stepped by its rule (``sgd``, ``adalomo``, ``adamw``). ``train`` drives them;
+(``clipped``), then each parameter stepped by its rule (``sgd``, ``adalomo``, ``adamw``, ``normalized_sgd``). ``train`` drives them;
 the test modules only say which loss, which rule for which parameter, and how to clip.
 """
 from __future__ import annotations
@@ -69,10 +69,10 @@ def adamw(lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float 
     return step
 
 
-def sign_sgd(lr: float):
-    """p <- p - lr sign(g): the example rule of tests/test_rules.py."""
+def normalized_sgd(lr: float):
+    """p <- p - lr g / ||g||, each parameter on its own: the example rule of tests/test_rules.py."""
     def step(p, g, state, t):
-        p.sub_(lr * torch.sign(g))
+        p.sub_(lr * g / (g.norm() + 1e-12))
     return step
 
 

@@ -15,9 +15,8 @@ from distributed import run_ranks
 from lomo_trainer import LOMO
 from lomo_trainer.optim import AdaLomo
 import reference as reference_rules
-from models import VOCAB, allow_cpu_fp16, tiny_llama
+from models import DS_CONFIG, VOCAB, allow_cpu_fp16, tiny_llama
 
-DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
 K, B = 3, 2  # micro-steps per step, rows per micro-batch
 
 

@@ -13,11 +13,10 @@ from torch import nn
 from distributed import run_ranks
 from lomo_trainer import LOMO
 from lomo_trainer.optim import AdaLomo
-from models import VOCAB, OddLM, allow_cpu_fp16, batch, reference_adalomo, tiny_llama
+from models import DS_CONFIG, VOCAB, OddLM, allow_cpu_fp16, batch, reference_adalomo, tiny_llama
 from reference import assert_close
 
 STEPS = 3
-DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
 
 
 class CubeLM(OddLM):

@@ -17,7 +17,7 @@ from lomo_trainer.bench.inventory import Inventory, build_inventory, from_model,
 from lomo_trainer.bench.planner import adalomo_state_numel, check_fits, load_inventory
 from lomo_trainer.bench.presets import PRESETS
 from lomo_trainer.errors import ConfigError
-from models import VOCAB, batch, reference_adalomo, reference_sgd
+from models import DS_CONFIG, VOCAB, batch, reference_adalomo, reference_sgd
 from reference import assert_close
 
 GPT2 = {"model_type": "gpt2", "vocab_size": VOCAB, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64,
@@ -160,7 +160,6 @@ def test_qwen3_30b_a3b_on_8x24gb_lomo_fits_adamw_does_not():
 
 # ---------------------------------------------------------------- LOMO and AdaLomo under ZeRO-3
 STEPS = 3
-DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
 MODELS = {
     # Qwen3-MoE: 4 fused experts of 2 per token (3-D gate_up/down tensors), untied; eager experts for float64
     "qwen3_moe": tiny("qwen3-30b-a3b", attn_implementation="eager"),
@@ -251,7 +250,8 @@ def test_superglue_zero_shot_on_gemma3(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from models import word_tokenizer
-    from test_superglue_e2e import FIXTURES
+
+    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "superglue")
 
     def strings(x):
         if isinstance(x, str):
@@ -259,7 +259,7 @@ def test_superglue_zero_shot_on_gemma3(tmp_path):
         for v in x.values() if isinstance(x, dict) else x if isinstance(x, list) else ():
             yield from strings(v)
 
-    words = sorted({w for f in glob.glob(os.path.join(FIXTURES, "*", "*.jsonl")) for line in open(f)
+    words = sorted({w for f in glob.glob(os.path.join(fixtures, "*", "*.jsonl")) for line in open(f)
                     for text in strings(json.loads(line)) for w in text.split()})
     tokenizer, vocab = word_tokenizer(words)
     tokenizer.save_pretrained(tmp_path / "model")
@@ -268,7 +268,7 @@ def test_superglue_zero_shot_on_gemma3(tmp_path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(tmp_path / "model")
-    (result, seen), = run_ranks(zero_shot_recorded, 1, str(tmp_path / "model"), FIXTURES, str(tmp_path / "out"))
+    (result, seen), = run_ranks(zero_shot_recorded, 1, str(tmp_path / "model"), fixtures, str(tmp_path / "out"))
     assert set(result["tasks"]) == {"cb", "copa"} and result["name"] == "model zero-shot"
     assert len(seen) > 10 and len({round(lp, 4) for _, lp in seen}) > 1
     model.eval()

@@ -12,7 +12,7 @@ from transformers import EarlyStoppingCallback, Trainer
 
 from distributed import run_ranks
 from models import VOCAB, tiny_llama
-from test_trainer import _args, ds_config
+from trainers import _args, ds_config
 
 
 def _rows(n, seed):

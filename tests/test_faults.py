@@ -8,7 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 from distributed import run_ranks
-from test_trainer import _args, ds_config, gathered_weights, make_trainer
+from trainers import _args, ds_config, gathered_weights, make_trainer
 
 
 class FirstStep(TrainerCallback):
@@ -124,7 +124,7 @@ def test_resume_true_equals_uninterrupted_and_ignores_leftover_tmp(tmp_path, tra
 def stock_trainer_run(rank, world, out):
     from transformers import Trainer
 
-    from test_trainer import _dataset
+    from trainers import _dataset
     from models import tiny_llama
 
     args = _args(out, None, max_steps=3, save_strategy="steps", save_steps=3, optim="sgd")

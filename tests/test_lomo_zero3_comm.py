@@ -7,7 +7,8 @@ import torch
 from distributed import run_ranks
 from lomo_trainer import LOMO
 from models import VOCAB, allow_cpu_fp16, batch, tiny_llama
-from test_lomo_zero3 import DS_CONFIG, assert_matches_reference, train_zero3
+from models import DS_CONFIG
+from zero3_runs import assert_matches_reference, train_zero3
 
 OFFLOAD = {"offload_param": {"device": "cpu"}}
 

@@ -15,12 +15,11 @@ from lomo_trainer.errors import ConfigError
 from lomo_trainer.lora import adapter_parameters, prepare_model
 from lomo_trainer.lora_config import check_block
 import reference as reference_rules
-from models import VOCAB, batch, tiny_llama
+from models import DS_CONFIG, VOCAB, batch, tiny_llama
 
 pytest.importorskip("peft")
 
 STEPS = 3
-DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
 # init_lora_weights false: B starts random too, so both adapter matrices move from the first step
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
         "init_lora_weights": False}
@@ -145,7 +144,7 @@ def test_block_errors_name_the_key():
 
 # ---------------------------------------------------------------- LOMOTrainer, lomo-train: config, saving, resuming
 def lora_trainer(out, zero3, steps=4, resume=None, **kw):
-    from test_trainer import _args, _dataset, ds_config
+    from trainers import _args, _dataset, ds_config
 
     from lomo_trainer import LOMOTrainer
 
@@ -166,7 +165,7 @@ def adapter_state(trainer):
 
 
 def run_lora(rank, world, out, zero3, steps, resume=None):
-    from test_trainer import gathered_weights
+    from trainers import gathered_weights
 
     trainer = lora_trainer(out, zero3, steps, resume)
     logs = [(h["learning_rate"], h["adapter_learning_rate"]) for h in trainer.state.log_history if "loss" in h]
@@ -197,7 +196,7 @@ def test_trainer_resume_is_bitwise_with_adapter_optimizer_state(tmp_path, world,
 def saved_folders(rank, world, out, zero3):
     trainer = lora_trainer(out, zero3, steps=2)
     trainer.save_model()
-    from test_trainer import gathered_weights
+    from trainers import gathered_weights
 
     return gathered_weights(trainer)
 
@@ -235,7 +234,7 @@ def test_saved_model_is_merged_and_adapter_folder_is_peft(tmp_path, world, zero3
 
 
 def test_a_peft_model_passed_in_trains_its_base_too(tmp_path):
-    from test_trainer import _args, _dataset
+    from trainers import _args, _dataset
 
     from lomo_trainer import LOMOTrainer
 
@@ -258,7 +257,7 @@ def test_a_peft_model_passed_in_trains_its_base_too(tmp_path):
 
 
 def test_deepspeed_json_lora_block_and_one_home(tmp_path):
-    from test_trainer import _args
+    from trainers import _args
 
     from lomo_trainer.config import validate
 
@@ -273,7 +272,7 @@ def test_deepspeed_json_lora_block_and_one_home(tmp_path):
 
 @pytest.mark.parametrize("kind", ["WarmupLR", "WarmupDecayLR", "WarmupCosineLR"])
 def test_deepspeed_schedulers_drive_the_adapter_lr_from_its_own_peak(kind):
-    from test_trainer import _args
+    from trainers import _args
 
     from lomo_trainer.schedulers import deepspeed_scheduler
 

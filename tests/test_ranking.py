@@ -5,11 +5,10 @@ import torch
 
 from distributed import run_ranks
 from lomo_trainer.ranking import pick, score_candidates
-from models import tiny_llama
+from models import DS_CONFIG, tiny_llama
 
 WORDS = "the cat sat on a mat dog ran far yes no maybe is it true false red blue green sky sea".split()
 VOCAB = {"<pad>": 0, "<s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
 
 # 7 requests, 17 candidates: neither divides by 3; lengths vary so batches need padding.
 REQUESTS = [

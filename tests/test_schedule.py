@@ -7,7 +7,7 @@ import torch
 from transformers import TrainerCallback
 
 from distributed import run_ranks
-from test_trainer import STEPS, _args, ds_config, gathered_weights, make_trainer
+from trainers import STEPS, _args, ds_config, gathered_weights, make_trainer
 
 # 2 warmup steps ("auto": TrainingArguments.warmup_steps), peak "auto": learning_rate 0.5, decay to step 6
 BLOCK = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.05, "warmup_max_lr": "auto",

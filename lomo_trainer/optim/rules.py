@@ -14,7 +14,7 @@ one parameter's update. It sees each parameter twice, in backward order and on e
 fp32 gradient (``clipping.py``). Per-parameter state lives in ``step.state(p)`` (the optimizer's ``state``, saved
 in its ``state_dict``); hyperparameters in ``step.group(p)`` (its param group: schedulers drive ``lr`` there).
 Write a new rule by subclassing ``UpdateRule`` and pass it as ``LOMO(model, rule=MyRule())``; see
-``tests/test_rules.py`` for a sign-SGD rule in a few lines.
+``tests/test_rules.py`` for a normalised-SGD rule in a few lines.
 """
 from __future__ import annotations
 
