@@ -201,13 +201,14 @@ class LOMO(torch.optim.Optimizer):
             rule = self._adapter_rule if g.get("adapter") else self.rule
             for p in g["params"]:
                 self._group_of[p], self._rule_of[p] = g, rule
+        self._rules = list(dict.fromkeys(self._rule_of.values()))
 
     def group_of(self, p: nn.Parameter) -> dict:
         return self._group_of[p]
 
     def rules(self) -> list[UpdateRule]:
         """Every rule in use, once each, in param-group order."""
-        return list(dict.fromkeys(self._rule_of.values()))
+        return self._rules
 
     def attach_engine(self, engine) -> None:
         """Bind the ZeRO-3 engine that partitions this module (if the module was passed before
