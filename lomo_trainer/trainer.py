@@ -212,8 +212,8 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         return loss
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
-        """The stock batches; none once ``max_steps`` is reached. The stock loop checks it only after a step (trainer_callback.py:592), so a
-        run resumed from its last checkpoint would take one step more."""
+        """The stock batches; none once ``max_steps`` is reached. The stock loop checks it only after a step
+        (trainer_callback.py:592), so a run resumed from its last checkpoint would take one step more."""
         if self.state.global_step >= self.state.max_steps:
             self.control.should_training_stop = True
             return [], None
@@ -274,7 +274,8 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
 
     def _check_memory(self, train_dl) -> None:
         """check_memory (asked for, never by default): refuse, before the engine is built, a setting the planner
-        predicts does not fit this GPU. The sequence length is the first batch's; LLaMA-shaped models only."""
+        predicts does not fit this GPU. The sequence length is the first batch's; any config the planner can
+        instantiate on the meta device."""
         from .bench.planner import check_fits
 
         s, args = self.lomo_settings, self.args
