@@ -248,6 +248,9 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
     ds = ds_config or {}
     if not isinstance(ds, dict):
         raise ConfigError(f"the DeepSpeed config must be a JSON object, got {_json_type(ds)}")
+    if getattr(args, "max_steps", -1) <= 0 and getattr(args, "num_train_epochs", 1) < 0:
+        raise ConfigError(f"num_train_epochs={args.num_train_epochs} is negative (with max_steps="
+                          f"{args.max_steps}): set num_train_epochs > 0 or max_steps > 0")
     given = _merge(_from_lomo_args(lomo_args) + _from_deepspeed(ds))
     gas = _accumulation_steps(ds, args)
     warnings = _check_engine(ds, args, gas) if ds_config is not None else []
@@ -369,7 +372,8 @@ def _check_batch(ds: dict, args, gas: int) -> None:
         raise ConfigError(f"train_micro_batch_size_per_gpu={micro} but TrainingArguments.per_device_train_batch_size="
                           f"{per_device}: set one to match or use \"auto\"")
     total = _integer("train_batch_size", ds.get("train_batch_size", "auto"))
-    world = os.environ.get("WORLD_SIZE", "")
+    # no launcher (no WORLD_SIZE, no MPI): one process, as lomo-train and a plain script run
+    world = os.environ.get("WORLD_SIZE", "" if "OMPI_COMM_WORLD_SIZE" in os.environ else "1")
     if total != "auto" and world.isdigit() and total != micro * int(world) * gas:
         raise ConfigError(f"train_batch_size={total} but micro batch {micro} x {world} processes x {gas} "
                           f"accumulation steps = {micro * int(world) * gas}: set it to \"auto\"")
