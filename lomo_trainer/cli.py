@@ -235,7 +235,10 @@ def prevalidate(targs_kwargs: dict, lomo: LOMOArguments | None = None) -> None:
     from transformers import TrainingArguments
 
     ds = targs_kwargs.get("deepspeed")
-    validate(load_json(ds) if ds else None, TrainingArguments(**{**targs_kwargs, "deepspeed": None}), lomo)
+    # without a launcher lomo-train runs as a world of one (_single_process_env): the batch keys are checked for it
+    launched = any(k in os.environ for k in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    validate(load_json(ds) if ds else None, TrainingArguments(**{**targs_kwargs, "deepspeed": None}), lomo,
+             world_size=None if launched else 1)
     resume = targs_kwargs.get("resume_from_checkpoint")
     if isinstance(resume, str) and not os.path.isdir(resume):
         raise ConfigError(f"resume_from_checkpoint={resume!r} does not exist: pass a checkpoint-N folder, or true "

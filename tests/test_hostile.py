@@ -277,16 +277,22 @@ def test_a_malformed_manifest_is_validated_not_a_type_error(saved_run, tmp_path,
     assert resolve(True, out) == os.path.join(out, "checkpoint-2"), "falls back to the previous checkpoint"
 
 
-def test_manifest_run_record_with_wrong_types_resumes_without_type_error(saved_run, tmp_path):
-    """Before: a string world size reached the resume warning's arithmetic (TypeError). Now it is refused by name,
-    and resume=True falls back to the previous checkpoint and trains on."""
+def test_manifest_run_record_with_wrong_types_falls_back_without_type_error(saved_run, tmp_path, caplog):
+    """Before: a null global batch reached the resume warning's arithmetic (TypeError). Now the record is refused by
+    name, and resume=True falls back to the previous checkpoint and trains on."""
     out = _copy(saved_run, tmp_path / "run")
     path = os.path.join(out, "checkpoint-4", "lomo_manifest.json")
     manifest = json.load(open(path))
-    manifest["run"] = {"world_size": "3", "global_batch": "x"}
+    manifest["run"] = {"world_size": 3, "global_batch": None}
     json.dump(manifest, open(path, "w"))
     trainer = make_trainer(_args(out, None, max_steps=5))
-    assert trainer.train(resume_from_checkpoint=True).global_step == 5
+    first = []
+    trainer.add_callback(type("First", (TrainerCallback,), {
+        "on_step_begin": lambda self, a, state, c, **k: first.append(state.global_step + 1)})())
+    with caplog.at_level(logging.WARNING, logger="lomo_trainer.checkpoint"):
+        assert trainer.train(resume_from_checkpoint=True).global_step == 5
+    assert first[0] == 3, "resumed from checkpoint-2"
+    assert any("run.global_batch=null must be an integer >= 1" in r.getMessage() for r in caplog.records)
 
 
 # ------------------------------------------------------------------ the model folder
