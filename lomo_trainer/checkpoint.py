@@ -12,6 +12,7 @@ that fails that, or that disagrees with the manifest, is named in a one-line ``C
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import json
@@ -56,6 +57,30 @@ def remove_unfinished(output_dir: str) -> list[str]:
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
     return leftovers
+
+
+_LOCKS: dict[str, int] = {}  # output_dir (real path) -> the open descriptor holding its lock, per process
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """Hold an exclusive lock on ``output_dir`` for the rest of this process (call on the main process): a second
+    run in the same folder is refused instead of overwriting the first one's checkpoints. The lock is the kernel's
+    ``flock`` on the folder itself (no lock file): it goes with the process, so a killed run never leaves it stuck.
+    Taking it again in the same process is a no-op."""
+    path = os.path.realpath(output_dir)
+    if path in _LOCKS:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"output_dir={output_dir!r} is a file: pass a folder (it is created if missing)")
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise CheckpointError(f"output_dir={output_dir!r} is in use by another running training run: wait for it to "
+                              "finish (or stop it), or pick another output_dir") from None
+    _LOCKS[path] = fd
 
 
 def _sha256(path: str) -> str:
@@ -105,10 +130,13 @@ def problem(folder: str) -> str | None:
     if k == "lomo":
         try:
             with open(os.path.join(folder, MANIFEST)) as f:
-                files = json.load(f)["files"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+                manifest = json.load(f)
+        except (OSError, ValueError) as e:
             return f"{os.path.join(folder, MANIFEST)} is unreadable ({type(e).__name__})"
-        for rel, meta in files.items():
+        why = _manifest_problem(manifest)
+        if why is not None:
+            return f"{os.path.join(folder, MANIFEST)} is malformed: {why}"
+        for rel, meta in manifest["files"].items():
             path = os.path.join(folder, rel)
             if not os.path.isfile(path):
                 return f"{path} is missing"
@@ -125,6 +153,34 @@ def problem(folder: str) -> str | None:
         return f"{os.path.join(folder, TRAINER_STATE)} is unreadable ({type(e).__name__})"
     if not glob.glob(os.path.join(folder, "*.safetensors")):
         return NO_WEIGHTS.format(folder)
+    return None
+
+
+# the manifest's run record: key -> (JSON type(s), what the message says)
+RUN_RECORD = {"world_size": (int, "an integer >= 1"), "global_batch": (int, "an integer >= 1"),
+              "learning_rate": ((int, float), "a number"), "lr_scheduler_type": (str, "a string")}
+
+
+def _manifest_problem(manifest) -> str | None:
+    """What is wrong with a parsed manifest's structure (it is input like any file: a TypeError must not escape)."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "'files' is not an object"
+    for rel, meta in files.items():
+        if not isinstance(meta, dict) or isinstance(meta.get("size"), bool) or not isinstance(meta.get("size"), int) \
+                or not isinstance(meta.get("sha256", ""), str) or rel.startswith("/") or ".." in rel.split("/"):
+            return f"files[{rel!r}] must be {{\"size\": <integer>, \"sha256\": <string>}} for a path inside the folder"
+    run = manifest.get("run", {})
+    if not isinstance(run, dict):
+        return "'run' is not an object"
+    for key, (types, what) in RUN_RECORD.items():
+        if key in run:
+            value = run[key]
+            if isinstance(value, bool) or not isinstance(value, types) or \
+                    (types is int and value < 1):
+                return f"run.{key}={json.dumps(value)} must be {what}"
     return None
 
 
@@ -167,12 +223,18 @@ def load_state(path: str):
 
 
 def run_info(folder: str) -> dict:
-    """The ``run`` record of the manifest (world size, global batch), or {} for older checkpoints."""
+    """The ``run`` record of the manifest (world size, global batch, learning rate, schedule), or {} for older
+    checkpoints; only the keys whose values have the right type (``problem`` refuses a malformed record)."""
     try:
         with open(os.path.join(folder, MANIFEST)) as f:
-            return dict(json.load(f).get("run") or {})
+            manifest = json.load(f)
     except (OSError, ValueError):
         return {}
+    run = manifest.get("run") if isinstance(manifest, dict) else None
+    if not isinstance(run, dict):
+        return {}
+    return {k: v for k, v in run.items() if k in RUN_RECORD and not isinstance(v, bool)
+            and isinstance(v, RUN_RECORD[k][0])}
 
 
 # ---------------------------------------------------------------- writing
@@ -188,6 +250,11 @@ def begin_save(final: str, is_main: bool) -> str:
 def save_rank_state(folder: str, rank: int, optimizer_state: dict) -> None:
     """This rank's LOMO state and RNG states: plain data, which loads with weights_only=True."""
     torch.save({"optimizer": optimizer_state, "rng": rng_states()}, os.path.join(folder, LOMO_STATE.format(rank)))
+
+
+def abandon_save(tmp: str) -> None:
+    """Remove the unfinished ``.tmp`` folder of a save that failed; the checkpoints before it stay."""
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def finish_save(tmp: str, final: str, **run) -> None:
@@ -217,9 +284,11 @@ def rotate(output_dir: str, limit: int | None, best: str | None) -> None:
 
 # ---------------------------------------------------------------- reading
 def load_rank_state(folder: str, rank: int) -> dict:
-    """This rank's LOMO state file; rank 0's when resumed on more ranks (the scaler and step are shared)."""
+    """This rank's LOMO state file; rank 0's when resumed on more ranks (the scaler and step are shared). A rank
+    beyond the world size the manifest records reads rank 0's too: a stray file there was never part of it."""
     path = os.path.join(folder, LOMO_STATE.format(rank))
-    if not os.path.isfile(path):
+    written_by = run_info(folder).get("world_size")
+    if not os.path.isfile(path) or (written_by is not None and rank >= written_by):
         path = os.path.join(folder, LOMO_STATE.format(0))
     return load_state(path)
 
@@ -246,7 +315,14 @@ def load_weights(model, folder: str, with_lora: bool) -> None:
                     p = params.get(name)
                     if p is None:
                         continue
+                    shape, expected = list(f.get_slice(key).get_shape()), list(_zero.full_shape(p))
+                    if shape != expected:
+                        raise CheckpointError(f"{path}: {key} has shape {shape} but the model's {name} has "
+                                              f"{expected}: the checkpoint belongs to another model shape")
                     full = f.get_tensor(key)
+                    if full.is_floating_point() and not torch.isfinite(full).all():
+                        raise CheckpointError(f"{path}: {key} holds NaN or inf: the checkpoint is corrupt; pass an "
+                                              "older checkpoint-N folder")
                     with torch.no_grad():
                         if _zero.is_zero3_param(p):
                             _zero.load_full_param_(p, full)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from . import _hf
 from .config import LOMOArguments, load_json, validate
-from .errors import ConfigError
+from .errors import ConfigError, Interrupted, SaveFailed, TrainingDiverged
 
 logger = logging.getLogger("lomo_trainer")
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,12 +210,23 @@ def main(argv: list[str] | None = None) -> int:
 
         run, targs_kwargs, lomo = parse(argv)
         prevalidate(targs_kwargs, lomo)
+        precheck_run(run, targs_kwargs)
         precheck_model(run, targs_kwargs)
         precheck_data(run)
+        lock_output_dir(targs_kwargs)
         return _train(run, targs_kwargs, lomo)
     except ConfigError as e:  # before the process group, or a data/config error found later: one line either way
         print(f"lomo-train: error: {e}", file=sys.stderr)
         return 2
+    except (TrainingDiverged, SaveFailed) as e:  # nothing non-finite or unfinished was saved; checkpoints before stay
+        print(f"lomo-train: error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:  # SIGTERM or Ctrl-C during training: saved what a step had changed since the last save
+        print(f"lomo-train: {e.message}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:  # Ctrl-C before training started (or a second one): nothing trained to save
+        print("lomo-train: stopped by Ctrl-C (SIGINT) before training: nothing saved", file=sys.stderr)
+        return 128 + 2
 
 
 def prevalidate(targs_kwargs: dict, lomo: LOMOArguments | None = None) -> None:
@@ -224,11 +235,42 @@ def prevalidate(targs_kwargs: dict, lomo: LOMOArguments | None = None) -> None:
     from transformers import TrainingArguments
 
     ds = targs_kwargs.get("deepspeed")
-    validate(load_json(ds) if ds else None, TrainingArguments(**{**targs_kwargs, "deepspeed": None}), lomo)
+    # without a launcher lomo-train runs as a world of one (_single_process_env): the batch keys are checked for it
+    launched = any(k in os.environ for k in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    validate(load_json(ds) if ds else None, TrainingArguments(**{**targs_kwargs, "deepspeed": None}), lomo,
+             world_size=None if launched else 1)
     resume = targs_kwargs.get("resume_from_checkpoint")
     if isinstance(resume, str) and not os.path.isdir(resume):
         raise ConfigError(f"resume_from_checkpoint={resume!r} does not exist: pass a checkpoint-N folder, or true "
                           "for the latest one in output_dir")
+
+
+def precheck_run(run: RunArguments, targs_kwargs: dict) -> None:
+    """What the run as a whole needs, before any process group: a number of steps, a folder to write to, and an
+    evaluation set when evaluation is asked for."""
+    epochs, max_steps = targs_kwargs.get("num_train_epochs", 3.0), targs_kwargs.get("max_steps", -1)
+    if (max_steps is None or max_steps <= 0) and not (epochs and epochs > 0):
+        raise ConfigError(f"num_train_epochs={epochs} with max_steps={max_steps} trains nothing (and would save the "
+                          "untrained model as the result): set num_train_epochs > 0 or max_steps > 0")
+    out = targs_kwargs.get("output_dir")
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"output_dir={out!r} is a file: pass a folder (it is created if missing)")
+    strategy = getattr(targs_kwargs.get("eval_strategy"), "value", targs_kwargs.get("eval_strategy"))
+    has_eval = run.validation_file or run.validation_split or run.dataset_name
+    if strategy not in (None, "no") and not has_eval:
+        raise ConfigError(f"eval_strategy={strategy!r} but there is no evaluation set: set validation_file (or "
+                          "validation_split), or eval_strategy \"no\"")
+    if run.eval_choices and not (run.validation_file or run.dataset_name):
+        raise ConfigError("eval_choices needs validation_file or a dataset_name with a validation split")
+
+
+def lock_output_dir(targs_kwargs: dict) -> None:
+    """The first process of a run takes output_dir's lock before any process group (LOMOTrainer.train takes it
+    again, a no-op in the same process): a second run in the same folder stops here with one line."""
+    from .checkpoint import lock_output_dir as lock
+
+    if os.environ.get("RANK", "0") == "0" and targs_kwargs.get("output_dir"):
+        lock(targs_kwargs["output_dir"])
 
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -258,6 +300,66 @@ def precheck_model(run: RunArguments, targs_kwargs: dict | None = None) -> None:
         if key == "model_name_or_path" and not run.init_from_scratch and not files & set(WEIGHTS):
             raise ConfigError(f"{key}={path!r} has no weights ({' / '.join(WEIGHTS[::2])}): pass a folder with "
                               "weights, or init_from_scratch true for random weights")
+        if key == "model_name_or_path" and not run.init_from_scratch:
+            _check_safetensors_headers(path, files)
+    _check_config_and_tokenizer(run)
+
+
+def _local_dir(path) -> bool:
+    return isinstance(path, str) and os.path.isdir(path)
+
+
+def _check_safetensors_headers(path: str, files: set) -> None:
+    """Each *.safetensors file's header (a few bytes: no tensor is read): a truncated or corrupt file is named here,
+    not as a bare SafetensorError from deep inside from_pretrained."""
+    from safetensors import safe_open
+
+    for name in sorted(f for f in files if f.endswith(".safetensors")):
+        try:
+            with safe_open(os.path.join(path, name), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors' own error types vary by version
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ConfigError(f"model weights file {os.path.join(path, name)!r} cannot be read ({reason}): it is "
+                              "truncated or corrupt; download or save it again") from None
+
+
+def _check_config_and_tokenizer(run: RunArguments) -> None:
+    """The model's config.json and the tokenizer, for local folders: a config transformers can read, a tokenizer
+    with a pad or eos token (the collator pads with it), and no token id past the model's embedding."""
+    model_dir = run.model_name_or_path if _local_dir(run.model_name_or_path) else None
+    config = None
+    if model_dir is not None:
+        config_file = os.path.join(model_dir, "config.json")
+        load_json(config_file, "model config")
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(model_dir)
+        except Exception as e:  # noqa: BLE001 - transformers raises ValueError, KeyError or OSError here
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConfigError(f"{config_file} cannot be used ({reason}): fix model_type and the other keys, or "
+                              "pass a save_pretrained folder") from None
+    tokenizer_dir = run.tokenizer_name or run.model_name_or_path
+    if not _local_dir(tokenizer_dir):
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as e:  # noqa: BLE001
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"the tokenizer in {tokenizer_dir!r} cannot be loaded ({reason}): pass a folder with the "
+                          "tokenizer files (tokenizer_name)") from None
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise ConfigError(f"the tokenizer in {tokenizer_dir!r} has neither a pad nor an eos token: batches cannot be "
+                          "padded; add one (e.g. eos_token in tokenizer_config.json)")
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    vocab = getattr(text_config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}: token "
+                          f"ids >= {vocab} have no embedding; use the model's own tokenizer, or resize the model's "
+                          "embeddings and save it first")
 
 
 def _check_hub_id(key: str, name: str) -> None:
@@ -283,9 +385,14 @@ def _train(run: RunArguments, targs_kwargs: dict, lomo: LOMOArguments) -> int:
     from .trainer import LOMOTrainer
 
     _single_process_env()
-    args = TrainingArguments(**targs_kwargs)  # before the model: keeps DeepSpeed's zero.Init config alive
+    try:
+        args = TrainingArguments(**targs_kwargs)  # before the model: keeps DeepSpeed's zero.Init config alive
+    except ValueError as e:  # HF's own DeepSpeed config checks: prevalidate should have caught them first
+        raise ConfigError(f"TrainingArguments: {(str(e).strip().splitlines() or ['invalid'])[0]}") from None
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_name or run.model_name_or_path)
+    # what evaluation reads after training is read now: a file changed or removed mid-run cannot break the end
+    choice_rows = load_choice_rows(run) if run.eval_choices else None
     data = build_datasets(tokenizer, dataset_name=run.dataset_name, dataset_config=run.dataset_config,
                           train_file=run.train_file, validation_file=run.validation_file,
                           text_column=run.text_column, prompt_column=run.prompt_column,
@@ -304,7 +411,7 @@ def _train(run: RunArguments, targs_kwargs: dict, lomo: LOMOArguments) -> int:
         print(f"lomo-train: error: {e}", file=sys.stderr)
         return 1
     if run.eval_choices:
-        accuracy = choice_accuracy(trainer, tokenizer, run)
+        accuracy = choice_accuracy(trainer, tokenizer, run, choice_rows)
         trainer.log({"eval_choice_accuracy": accuracy})
         if trainer.is_world_process_zero():
             print(f"held-out accuracy: {accuracy:.4f} over {len(run.eval_choices)} choices "
@@ -323,7 +430,21 @@ def build_model(run: RunArguments, args, dtype=None):
     dtype = dtype or (torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32)
     if run.init_from_scratch:
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run.model_name_or_path), dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(run.model_name_or_path, dtype=dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(run.model_name_or_path, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - a weights file that does not load: one line naming it
+        import pickle
+
+        files = [os.path.join(run.model_name_or_path, f) for f in WEIGHTS
+                 if os.path.isdir(run.model_name_or_path) and os.path.isfile(os.path.join(run.model_name_or_path, f))]
+        where = " / ".join(files) or run.model_name_or_path
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+            raise ConfigError(f"{where} holds pickled objects that are not plain tensors: refused, as loading it could "
+                              "run code; convert it to model.safetensors from a trusted copy") from None
+        if isinstance(e, (OSError, ValueError, RuntimeError)) or type(e).__name__ == "SafetensorError":
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConfigError(f"{where} cannot be loaded ({type(e).__name__}: {reason})") from None
+        raise
 
 
 def _single_process_env() -> None:
@@ -337,11 +458,9 @@ def _single_process_env() -> None:
                       MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
 
 
-def choice_accuracy(trainer, tokenizer, run: RunArguments) -> float:
-    """Accuracy of picking the gold completion among ``eval_choices`` by summed log-likelihood."""
+def load_choice_rows(run: RunArguments) -> list[dict]:
+    """The validation rows ``eval_choices`` ranks, read once at start-up and checked against the choices."""
     import datasets
-
-    from .ranking import pick, score_candidates
 
     if run.validation_file:
         rows = list(datasets.load_dataset("json", data_files=run.validation_file, split="train"))
@@ -355,6 +474,15 @@ def choice_accuracy(trainer, tokenizer, run: RunArguments) -> float:
     missing = [r[run.completion_column] for r in rows if r[run.completion_column] not in choices]
     if missing:
         raise ConfigError(f"validation completion {missing[0]!r} is not among eval_choices {choices}")
+    return rows
+
+
+def choice_accuracy(trainer, tokenizer, run: RunArguments, rows: list[dict] | None = None) -> float:
+    """Accuracy of picking the gold completion among ``eval_choices`` by summed log-likelihood."""
+    from .ranking import pick, score_candidates
+
+    rows = load_choice_rows(run) if rows is None else rows
+    choices = list(run.eval_choices)
     requests = [(r[run.prompt_column], choices) for r in rows]
     # scored as trained: completion + EOS, truncated to the training max_length
     scores = score_candidates(trainer.model, tokenizer, requests, batch_size=trainer.args.per_device_eval_batch_size,

@@ -240,7 +240,8 @@ class LOMOSettings:
     warnings: list[str] = field(default_factory=list)
 
 
-def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | None = None) -> LOMOSettings:
+def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | None = None, *,
+             world_size: int | None = None) -> LOMOSettings:
     """Check a DeepSpeed config (or None: no DeepSpeed) against TrainingArguments ``args`` and ``lomo_args`` (a
     LOMOArguments, or a dict of its fields). A setting stated in two places must agree. An absent ``fp16``/``bf16``
     block (or ``enabled`` key) counts as ``"auto"``, as accelerate fills it: ``--fp16 true`` with such a JSON trains
@@ -248,9 +249,12 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
     ds = ds_config or {}
     if not isinstance(ds, dict):
         raise ConfigError(f"the DeepSpeed config must be a JSON object, got {_json_type(ds)}")
+    if getattr(args, "max_steps", -1) <= 0 and getattr(args, "num_train_epochs", 1) < 0:
+        raise ConfigError(f"num_train_epochs={args.num_train_epochs} is negative (with max_steps="
+                          f"{args.max_steps}): set num_train_epochs > 0 or max_steps > 0")
     given = _merge(_from_lomo_args(lomo_args) + _from_deepspeed(ds))
     gas = _accumulation_steps(ds, args)
-    warnings = _check_engine(ds, args, gas) if ds_config is not None else []
+    warnings = _check_engine(ds, args, gas, world_size) if ds_config is not None else []
     fp16, bf16 = _precision(ds, args, deepspeed=ds_config is not None)
     train = _training_values(given, args)
     lomo = _own_settings(given, gas, "fp16" if fp16 else "bf16" if bf16 else "fp32")
@@ -341,14 +345,14 @@ def _accumulation_steps(ds: dict, args) -> int:
     return gas
 
 
-def _check_engine(ds: dict, args, gas: int) -> list[str]:
+def _check_engine(ds: dict, args, gas: int, world_size: int | None = None) -> list[str]:
     """What DeepSpeed's engine is built with: ZeRO stage 3 (the partitioned update), the batch keys, offload.
     Returns the warnings."""
     zero = _block(ds, "zero_optimization", example='{"stage": 3}')
     if zero.get("stage", 0) != 3:
         raise ConfigError(f"zero_optimization.stage={zero.get('stage', 0)!r}: LOMOTrainer's partitioned update needs "
                           "stage 3 (or run without a DeepSpeed config)")
-    _check_batch(ds, args, gas)
+    _check_batch(ds, args, gas, world_size)
     off_param = _block(zero, "offload_param", "zero_optimization.offload_param", '{"device": "cpu"}')
     off_opt = _block(zero, "offload_optimizer", "zero_optimization.offload_optimizer", '{"device": "none"}')
     if off_param.get("device", "none") not in ("cpu", "none"):
@@ -359,9 +363,10 @@ def _check_engine(ds: dict, args, gas: int) -> list[str]:
     return []
 
 
-def _check_batch(ds: dict, args, gas: int) -> None:
+def _check_batch(ds: dict, args, gas: int, world_size: int | None = None) -> None:
     """The batch keys against the arguments; the world size is known before the process group only from the
-    launcher's WORLD_SIZE (engine_config checks again once it is certain)."""
+    launcher's WORLD_SIZE, or from the caller (lomo-train without a launcher: 1); engine_config checks again once
+    it is certain."""
     per_device = _integer("per_device_train_batch_size", getattr(args, "per_device_train_batch_size", 1), auto=False)
     micro = _auto(_integer("train_micro_batch_size_per_gpu", ds.get("train_micro_batch_size_per_gpu", "auto")),
                   per_device)
@@ -369,7 +374,7 @@ def _check_batch(ds: dict, args, gas: int) -> None:
         raise ConfigError(f"train_micro_batch_size_per_gpu={micro} but TrainingArguments.per_device_train_batch_size="
                           f"{per_device}: set one to match or use \"auto\"")
     total = _integer("train_batch_size", ds.get("train_batch_size", "auto"))
-    world = os.environ.get("WORLD_SIZE", "")
+    world = str(world_size) if world_size is not None else os.environ.get("WORLD_SIZE", "")
     if total != "auto" and world.isdigit() and total != micro * int(world) * gas:
         raise ConfigError(f"train_batch_size={total} but micro batch {micro} x {world} processes x {gas} "
                           f"accumulation steps = {micro * int(world) * gas}: set it to \"auto\"")

@@ -124,6 +124,8 @@ def _check_sources(dataset_name, train_file, validation_file) -> str | None:
         ext = os.path.splitext(path)[1].lower()
         if ext not in _BUILDERS:
             raise ConfigError(f"{key}={path!r} has an unsupported extension: use .json, .jsonl, .csv or .txt")
+        if os.path.isdir(path):
+            raise ConfigError(f"{key}={path!r} is a folder: pass a file (.json, .jsonl, .csv or .txt)")
         if not os.path.isfile(path):
             raise ConfigError(f"{key}={path!r} does not exist")
         if builder not in (None, _BUILDERS[ext]):
@@ -196,7 +198,8 @@ def _json_line(where, number, text) -> dict:
     try:
         row = json.loads(text.rstrip())  # so that an error points into the line, not past its end
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{where} line {number}: invalid JSON ({e.msg} at column {e.colno}): each line must "
+        msg = e.msg[:-3] if e.msg.endswith(" at") else e.msg  # json's "Invalid control character at"
+        raise ConfigError(f"{where} line {number}: invalid JSON ({msg} at column {e.colno}): each line must "
                           "be one JSON object") from None
     if not isinstance(row, dict):
         raise ConfigError(f"{where} line {number}: a JSON {type(row).__name__}, not an object: each line must be "

@@ -11,3 +11,17 @@ class CheckpointError(ConfigError):
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient, or non-finite weights about to be saved."""
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint or the final model could not be written (a full disk, say): the unfinished folder was removed and
+    the checkpoints written before are kept."""
+
+
+class Interrupted(SystemExit):
+    """SIGTERM or Ctrl-C (SIGINT) stopped the run; ``code`` is 128 + the signal, ``message`` one line saying what
+    was saved."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code)
+        self.message = message

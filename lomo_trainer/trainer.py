@@ -23,6 +23,7 @@ stock Trainer's, and LOMO mixes into another Trainer subclass (``class X(LOMOTra
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -35,7 +36,7 @@ from transformers.trainer_callback import ExportableState
 from . import _hf, _zero, checkpoint, lora
 from .checkpoint import LOMO_STATE, PREFIX as CKPT_PREFIX, SCHEDULER, TRAINER_STATE, last_checkpoint  # noqa: F401
 from .config import LOMOArguments, engine_config, load_json, refuse_removed_keywords, validate
-from .errors import ConfigError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, Interrupted, SaveFailed, TrainingDiverged
 from .optim import all_finite
 from .optim.factory import build_optimizer
 from .schedulers import deepspeed_scheduler
@@ -61,6 +62,35 @@ def _barrier() -> None:
         dist.barrier()
 
 
+_AGREED_ERRORS = {cls.__name__: cls for cls in (CheckpointError, ConfigError, SaveFailed, TrainingDiverged)}
+
+
+def _raise_agreed(error: BaseException | None) -> None:
+    """Collective, and a barrier: every rank calls it at the same point with the error it met there, or None. If any
+    rank met one, every rank raises the first such rank's error (its class and its one line), so no rank is left
+    waiting in a collective while another exits."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else (type(error).__name__, str(error))
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, mine)
+    first = next((f for f in found if f is not None), None)
+    if first is None:
+        return
+    if error is not None and mine == first:
+        raise error
+    raise _AGREED_ERRORS.get(first[0], RuntimeError)(first[1])
+
+
+def _write_error(e: Exception, what: str) -> SaveFailed:
+    """A failed write (a full disk: OSError, or torch's and safetensors' own wrappers of it) as one line."""
+    reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    where = getattr(e, "filename", None)
+    return SaveFailed(f"writing {what} failed: {reason}" + (f" ({where})" if where else ""))
+
+
 class FusedStep:
     """LOMO as the stock loop sees it. The update already ran inside ``training_step``'s backward, so ``step()`` and
     ``zero_grad()`` have nothing left to do; ``step_was_skipped`` tells accelerate, and through it the stock loop,
@@ -68,6 +98,7 @@ class FusedStep:
 
     def __init__(self, lomo):
         self.lomo = lomo
+        self.no_target = False  # this step's batches had no target token on any rank: nothing ran
 
     def step(self, closure=None):
         return None
@@ -77,7 +108,7 @@ class FusedStep:
 
     @property
     def step_was_skipped(self) -> bool:
-        return self.lomo.last_step_skipped
+        return self.lomo.last_step_skipped or self.no_target
 
     def state_dict(self) -> dict:
         return self.lomo.state_dict()
@@ -117,6 +148,8 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
                               "--deepspeed CONFIG.json (accelerate launch's deepspeed_config_file alone is not read)")
         self.lomo_optimizer = None
         self._tokens, self._log_time, self._consecutive_skips = None, 0.0, 0
+        self._finite_losses = None  # micro-steps with a finite loss since the last log (device count)
+        self._stop_signal = None  # SIGTERM or SIGINT once received
         self.add_callback(_FusedControl(self))
 
     # ------------------------------------------------------------------ set-up
@@ -141,6 +174,7 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         if self.lomo_optimizer is not None:  # a second train(): the old hooks would update twice
             self.lomo_optimizer.remove_hooks()
         target = _hf.deepspeed_engine(self) if self.is_deepspeed_enabled else self.model
+        self._check_loaded_weights()
         self.lomo_optimizer = lomo = self.make_optimizer(target)
         lomo.shared_flags["stop"] = False  # SIGTERM on any rank (every rank adds it: one slot each)
         self.optimizer = FusedStep(lomo)
@@ -170,6 +204,14 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if trial is not None:
             raise ConfigError("hyperparameter search is not supported by LOMOTrainer")
+        # one run per output_dir: a second one would overwrite this one's checkpoints (and remove its .tmp below)
+        error = None
+        if self.args.should_save:
+            try:
+                checkpoint.lock_output_dir(self.args.output_dir)
+            except ConfigError as e:
+                error = e
+        _raise_agreed(error)
         # resume=True: the newest *whole* checkpoint (the stock Trainer takes the newest folder)
         resume_from_checkpoint = checkpoint.resolve(resume_from_checkpoint, self.args.output_dir)
         if self.args.should_save and os.path.isdir(self.args.output_dir):
@@ -177,14 +219,20 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
                 logger.warning(f"removed {path}: a save that never finished")
         if self.lomo_settings.check_memory:
             self._check_memory(self.get_train_dataloader())
-        self._tokens, self._log_time = None, time.time()
-        previous = _install_sigterm(self._on_sigterm)
+        self._tokens, self._log_time, self._finite_losses, self._stop_signal = None, time.time(), None, None
+        previous = {sig: _install_signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, ignore_keys_for_eval=ignore_keys_for_eval,
                                  **kwargs)
+        except _StopInEvaluation:  # every rank at once (agreed between evaluation batches)
+            saved = os.path.join(self.args.output_dir, f"{CKPT_PREFIX}{self.state.global_step}")
+            if self.state.global_step > 0 and not os.path.isdir(saved):
+                self.save_lomo_checkpoint()
+            raise self._interrupted(saved if self.state.global_step > 0 else None) from None
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One micro-batch: forward (twice with global-norm clipping or fp16) and backward with LOMO's update inside,
@@ -205,11 +253,26 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
             return loss if scaled else loss / self.current_gradient_accumulation_steps
 
         lomo = self.lomo_optimizer
+        self.optimizer.no_target = self._no_target(num_items_in_batch)
+        if self.optimizer.no_target:  # nothing to learn from, and 0/0 is no divergence: skip it, uncounted
+            if self.accelerator.sync_gradients:
+                logger.warning(f"step {self.state.global_step + 1}: no target token in its batches on any rank "
+                               "(every label is -100): skipped; it changes nothing and is not a non-finite step")
+            return torch.full((), float("nan"), device=self.args.device)
         loss = (lomo.step if self.accelerator.sync_gradients else lomo.accumulate)(closure)
+        finite = torch.isfinite(loss).to(torch.float32)
+        self._finite_losses = finite if self._finite_losses is None else self._finite_losses + finite
         mask = inputs.get("attention_mask")
         tokens = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
         self._tokens = tokens if self._tokens is None else self._tokens + tokens
         return loss
+
+    def _no_target(self, num_items_in_batch) -> bool:
+        """Whether the step's batches hold no target token on any rank: known only where the count is the global
+        one (the stock loop sums it over the ranks with average_tokens_across_devices, or there is one rank)."""
+        if num_items_in_batch is None or not (self.args.average_tokens_across_devices or _world() == 1):
+            return False
+        return float(num_items_in_batch.sum() if torch.is_tensor(num_items_in_batch) else num_items_in_batch) == 0
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         """The stock batches; none once ``max_steps`` is reached. The stock loop checks it only after a step
@@ -234,8 +297,14 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         if "loss" in logs and self.lomo_optimizer is not None:
             opt = self.lomo_optimizer
             tokens = (self._tokens if self._tokens is not None else torch.zeros(())).float().to(self.args.device)
+            finite = (self._finite_losses if self._finite_losses is not None else torch.zeros(())).to(tokens)
+            counts = torch.stack([tokens, finite])
             if dist.is_initialized():
-                dist.all_reduce(tokens)
+                dist.all_reduce(counts)
+            tokens, finite = counts[0], counts[1]
+            if finite.item() == 0:  # every step since the last row was skipped: there is no loss to report
+                logs["loss"] = float("nan")
+            self._finite_losses = None
             logs["learning_rate"] = opt.param_groups[0]["lr"]
             if opt.adapters is not None:
                 logs["adapter_learning_rate"] = opt.param_groups[-1]["lr"]
@@ -267,10 +336,22 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
                 " had a non-finite loss or gradient and were skipped; lower learning_rate or clip (max_grad_norm), "
                 + (f"then resume from {last}" if last else "then start again"))
 
-    def _on_sigterm(self, signum, frame):
-        if self.lomo_optimizer is None:  # nothing trained yet, nothing to save
-            raise SystemExit(128 + signal.SIGTERM)
+    def _on_stop_signal(self, signum, frame):
+        """SIGTERM or Ctrl-C: stop at the next step's sync (or between evaluation batches) on every rank, save what
+        was trained since the last checkpoint, and exit 128 + signal with one line. A second Ctrl-C stops now."""
+        first = self._stop_signal is None
+        self._stop_signal = signum
+        if self.lomo_optimizer is None or (signum == signal.SIGINT and not first):
+            raise self._interrupted(None)
         self.lomo_optimizer.shared_flags["stop"] = True  # shared at the next step's sync
+
+    def _interrupted(self, saved: str | None) -> Interrupted:
+        signum = self._stop_signal or signal.SIGTERM
+        name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
+        last = saved or last_checkpoint(self.args.output_dir)
+        return Interrupted(128 + signum, f"stopped by {name} at step {self.state.global_step}: "
+                           + (f"saved {saved}" if saved else "nothing new to save")
+                           + (f"; resume with --resume_from_checkpoint {last}" if last else ""))
 
     def _check_memory(self, train_dl) -> None:
         """check_memory (asked for, never by default): refuse, before the engine is built, a setting the planner
@@ -351,15 +432,33 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
             if not _internal_call:
                 lora.merge_into(self.model, state_dict, is_main=self.args.should_save)
             model = self.model.get_base_model()
+        error = None
         if self.args.should_save:
-            os.makedirs(output_dir, exist_ok=True)
-            model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
-            if self.lora:
-                lora.save_adapter(self.model, os.path.join(output_dir, lora.ADAPTER_FOLDER), adapters)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-        _barrier()
+            try:
+                os.makedirs(output_dir, exist_ok=True)
+                model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+                if self.lora:
+                    lora.save_adapter(self.model, os.path.join(output_dir, lora.ADAPTER_FOLDER), adapters)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(output_dir)
+                torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            except Exception as e:  # noqa: BLE001 - a failed write, whatever library wrapped it
+                error = _write_error(e, f"the model to {output_dir}")
+        _raise_agreed(error)  # every rank stops with the same line
+
+    def _check_loaded_weights(self) -> None:
+        """Before the first step: NaN or inf in the weights as loaded would only surface later as a "diverged" run.
+        One reduction of a flag per parameter (over the ranks' shards) names the first bad tensor."""
+        named = [(n, _zero.local_data(p)) for n, p in self.model.named_parameters()]
+        if not named:
+            return
+        flags = torch.stack([all_finite(t).to(self.args.device) for _, t in named]).float()
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        bad = (flags == 0).nonzero()
+        if bad.numel():
+            raise ConfigError(f"the model's weight {named[int(bad[0])][0]} holds NaN or inf as loaded, before any "
+                              "step: the weights are corrupt (or saved from a diverged run); load other weights")
 
     def _check_finite_weights(self, where: str) -> None:
         """Refuse to save non-finite weights (collective: one flag all-reduced over the ranks' shards)."""
@@ -379,16 +478,33 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         args = self.args
         self.store_flos()
         final = os.path.join(args.output_dir, f"{CKPT_PREFIX}{self.state.global_step}")
-        tmp = checkpoint.begin_save(final, args.should_save)
-        _barrier()
+        previous = last_checkpoint(args.output_dir)
+        try:
+            self._write_checkpoint(final)
+        except SaveFailed as e:  # every rank (agreed): nothing unfinished stays, the earlier checkpoints do
+            if args.should_save:
+                checkpoint.abandon_save(final + ".tmp")
+            raise SaveFailed(f"{e}; removed the unfinished {os.path.basename(final)}.tmp, "
+                             + (f"{previous} is kept" if previous else "no earlier checkpoint exists")
+                             + ": free space, then resume") from None
+
+    def _write_checkpoint(self, final: str) -> None:
+        args, error, tmp = self.args, None, final + ".tmp"
+        try:
+            tmp = checkpoint.begin_save(final, args.should_save)
+        except OSError as e:
+            error = _write_error(e, tmp)
+        _raise_agreed(error)
         self.save_model(tmp, _internal_call=True)
-        checkpoint.save_rank_state(tmp, _rank(), self.lomo_optimizer.state_dict())
+        try:
+            checkpoint.save_rank_state(tmp, _rank(), self.lomo_optimizer.state_dict())
+        except Exception as e:  # noqa: BLE001
+            error = _write_error(e, f"this rank's state to {tmp}")
         best = os.path.join(args.output_dir, f"{CKPT_PREFIX}{self.state.best_global_step}")
         if args.metric_for_best_model and self.state.best_global_step and \
                 (self.state.best_global_step == self.state.global_step or os.path.isdir(best)):
             self.state.best_model_checkpoint = best  # as the stock Trainer records it, before the state is saved
-        if args.should_save:
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER))
+        if args.should_save and error is None:
             for cb in self.callback_handler.callbacks + [self.control]:  # as stock: early stopping's patience etc.
                 if isinstance(cb, ExportableState):
                     name, saved = type(cb).__name__, self.state.stateful_callbacks
@@ -396,12 +512,24 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
                         saved[name].append(cb.state())
                     else:
                         saved[name] = cb.state()
-            self.state.save_to_json(os.path.join(tmp, TRAINER_STATE))
-        _barrier()
+            try:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER))
+                self.state.save_to_json(os.path.join(tmp, TRAINER_STATE))
+            except Exception as e:  # noqa: BLE001
+                error = _write_error(e, tmp)
+        _raise_agreed(error)
         if args.should_save:
-            checkpoint.finish_save(tmp, final, world_size=_world(), global_batch=self._global_batch())
-            checkpoint.rotate(args.output_dir, args.save_total_limit, self.state.best_model_checkpoint)
-        _barrier()
+            try:
+                checkpoint.finish_save(tmp, final, world_size=_world(), global_batch=self._global_batch(),
+                                       learning_rate=self.lomo_settings.lr, lr_scheduler_type=self._schedule_name())
+                checkpoint.rotate(args.output_dir, args.save_total_limit, self.state.best_model_checkpoint)
+            except Exception as e:  # noqa: BLE001
+                error = _write_error(e, final)
+        _raise_agreed(error)
+
+    def _schedule_name(self) -> str:
+        s = self.lomo_settings.scheduler
+        return s["type"] if s else getattr(self.args.lr_scheduler_type, "value", str(self.args.lr_scheduler_type))
 
     def _global_batch(self) -> int:
         return self.args.per_device_train_batch_size * _world() * self.lomo_settings.gradient_accumulation_steps
@@ -409,9 +537,19 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
     # ------------------------------------------------------------------ loading
     def load_lomo_checkpoint(self, folder: str) -> None:
         """Weights, scheduler and LOMO state from ``folder`` (a LOMOTrainer checkpoint), or weights and schedule
-        from a stock Trainer checkpoint; the stock loop has read its TrainerState. Nothing is unpickled."""
-        checkpoint.load_weights(self.model, folder, self.lora)
+        from a stock Trainer checkpoint; the stock loop has read its TrainerState. Nothing is unpickled. A file
+        that one rank cannot load stops every rank with the same line."""
+        error = None
+        try:
+            self._load_checkpoint_files(folder)
+        except (ConfigError, OSError) as e:
+            error = e if isinstance(e, ConfigError) else CheckpointError(f"{folder}: {e}")
+        _raise_agreed(error)
         _zero.refresh_partitions(self.deepspeed)
+
+    def _load_checkpoint_files(self, folder: str) -> None:
+        """This rank's part of ``load_lomo_checkpoint``: file reads only, no collective."""
+        checkpoint.load_weights(self.model, folder, self.lora)
         if checkpoint.kind(folder) == "hf":  # its AdamW state means nothing to SGD
             checkpoint.load_stock_scheduler(folder, self.lr_scheduler, len(self.lomo_optimizer.param_groups),
                                             self.state.global_step)
@@ -427,6 +565,24 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
                            f"{self.state.global_step * self._global_batch()} of the epoch order, not {seen}.")
         self.lomo_optimizer.load_state_dict(checkpoint.load_rank_state(folder, _rank())["optimizer"])
         self.lr_scheduler.load_state_dict(checkpoint.load_state(os.path.join(folder, SCHEDULER)))
+        self._warn_changed_schedule(folder, info)
+
+    def _warn_changed_schedule(self, folder: str, info: dict) -> None:
+        """Resuming restores the checkpoint's scheduler state, and with it the learning rate it was trained with
+        (as the stock Trainer does, silently): a different learning_rate or schedule given now is named."""
+        if _rank() != 0:
+            return
+        theirs, ours = info.get("learning_rate"), self.lomo_settings.lr
+        if theirs is not None and not math.isclose(theirs, ours, rel_tol=1e-9, abs_tol=0.0):
+            logger.warning(f"{folder} was trained with learning_rate {theirs}; this run gives {ours}. Resuming keeps "
+                           f"the checkpoint's schedule state, so the lr still follows learning_rate {theirs} and {ours} "
+                           f"is not used; to train at {ours}, start a new run from the checkpoint's weights "
+                           f"(model_name_or_path={folder}) instead of resuming")
+        schedule = info.get("lr_scheduler_type")
+        if schedule is not None and schedule != self._schedule_name():
+            logger.warning(f"{folder} was trained with the {schedule} schedule; this run gives {self._schedule_name()}: "
+                           f"resuming continues at step {self.state.global_step} on this run's {self._schedule_name()} "
+                           f"curve, from the checkpoint's learning_rate {theirs if theirs is not None else ''}".rstrip())
 
     def load_rng_state(self, folder: str | None) -> None:
         """This rank's RNG states, where the stock loop restores them (the stock files are pickled: not read)."""
@@ -451,8 +607,24 @@ class _FusedControl(TrainerCallback):
         self.skips = self.trainer.lomo_optimizer.skipped_steps
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.optimizer.no_target:  # nothing ran: neither a skip nor an update
+            return
         # skipped_steps also counts an update pass found non-finite, reported at the next step
         self.trainer._check_divergence(self.trainer.lomo_optimizer.skipped_steps > self.skips)
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        """Between evaluation batches during training: a SIGTERM must not wait for the whole evaluation. One small
+        all-reduce per batch makes every rank stop at the same batch."""
+        lomo = self.trainer.lomo_optimizer
+        if lomo is None or self.trainer._stop_signal is None and not dist.is_initialized():
+            return
+        flag = torch.tensor([1.0 if lomo.shared_flags.get("stop") else 0.0], device=args.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            if self.trainer._stop_signal is None:
+                self.trainer._stop_signal = signal.SIGTERM  # another rank's signal
+            raise _StopInEvaluation()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.lomo_optimizer.agreed_flags.get("stop"):
@@ -460,14 +632,21 @@ class _FusedControl(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if self.trainer.lomo_optimizer.agreed_flags.get("stop"):
-            logger.warning(f"SIGTERM: saved {CKPT_PREFIX}{state.global_step}, exiting")
-            raise SystemExit(128 + signal.SIGTERM)
+            if self.trainer._stop_signal is None:
+                self.trainer._stop_signal = signal.SIGTERM  # another rank's signal
+            error = self.trainer._interrupted(os.path.join(args.output_dir, f"{CKPT_PREFIX}{state.global_step}"))
+            logger.warning(error.message)
+            raise error
 
 
-def _install_sigterm(handler):
-    """Install ``handler`` for SIGTERM; returns the previous one, or None off the main thread (no signals)."""
+class _StopInEvaluation(Exception):
+    """Raised between evaluation batches on every rank once one of them got SIGTERM or Ctrl-C."""
+
+
+def _install_signal(signum, handler):
+    """Install ``handler`` for ``signum``; returns the previous one, or None off the main thread (no signals)."""
     try:
-        return signal.signal(signal.SIGTERM, handler)
+        return signal.signal(signum, handler)
     except ValueError:
         return None
 
