@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from distributed import run_ranks
 from models import VOCAB, tiny_llama
-from trainers import _args, _dataset, gathered_weights, make_trainer
+from trainers import _args, _dataset, make_trainer
 
 from lomo_trainer import cli
 from lomo_trainer.checkpoint import problem, resolve, write_manifest
