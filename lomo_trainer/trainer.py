@@ -130,14 +130,18 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
             raise ConfigError("DeepSpeed is enabled but LOMOTrainer found no DeepSpeed config: pass "
                               "TrainingArguments(deepspeed=\"ds_config.json\") (--deepspeed), or a deepspeed_config_file "
                               "in accelerate's YAML")
-        # A reference model (TRL's DPOTrainer; under ZeRO-3 an inference-only partitioned engine) is never LOMO's: it
-        # holds no gradients, and LOMO's hooks are only on the trained model
-        reference = getattr(self, "ref_model", None)
-        if isinstance(reference, torch.nn.Module) and reference is not self.model:
-            reference.requires_grad_(False)
+        self._freeze_reference()
         self.lomo_optimizer = None
         self._tokens, self._log_time, self._consecutive_skips = None, 0.0, 0
         self.add_callback(_FusedControl(self))
+
+    def _freeze_reference(self) -> None:
+        """A reference model (TRL's DPOTrainer; under ZeRO-3 an inference-only partitioned engine, as DPOTrainer
+        prepares it) is never LOMO's: it holds no gradients, and LOMO's hooks are only on the trained model. A wrapped
+        class may set it after its ``super().__init__``: checked again there and when LOMO is built."""
+        reference = getattr(self, "ref_model", None)
+        if isinstance(reference, torch.nn.Module) and reference is not self.model:
+            reference.requires_grad_(False)
 
     @classmethod
     def wrap(cls, trainer_cls: type) -> type:
@@ -154,6 +158,7 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
             def __init__(self, *pos, lomo_args: LOMOArguments | dict | None = None, **kwargs):
                 self._lomo_args_given = lomo_args  # read by LOMOTrainer.__init__, reached through trainer_cls's
                 trainer_cls.__init__(self, *pos, **kwargs)
+                self._freeze_reference()
 
             name = f"LOMO{trainer_cls.__name__}"
             _WRAPPED[trainer_cls] = type(name, (trainer_cls, cls), {
@@ -182,6 +187,7 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         TrainingArguments') on LOMO's param groups."""
         if self.lomo_optimizer is not None:  # a second train(): the old hooks would update twice
             self.lomo_optimizer.remove_hooks()
+        self._freeze_reference()
         target = _hf.deepspeed_engine(self) if self.is_deepspeed_enabled else self.model
         self.lomo_optimizer = lomo = self.make_optimizer(target)
         lomo.shared_flags["stop"] = False  # SIGTERM on any rank (every rank adds it: one slot each)

@@ -114,21 +114,22 @@ def dpo_run(rank, world, out, lomo, zero3=False, clip=0.0, **kw):
     from lomo_trainer import LOMOTrainer
 
     tokenizer, _ = word_tokenizer(WORDS)
+    # lr 0.1: at SFT's 0.5 the DPO loss swings enough to amplify float rounding (the order of the ranks' sums) x3 a step
+    kw.setdefault("learning_rate", 0.1)
     args = _config(DPOConfig, out, lomo, zero3, clip, beta=0.5, gradient_checkpointing=False, **kw)
     cls = LOMOTrainer.wrap(DPOTrainer) if lomo else DPOTrainer
     trainer = cls(model=tiny_llama(), ref_model=tiny_llama(), args=args, train_dataset=dpo_rows(),
                   processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
     ref_before = [t.clone() for t in trainer.compute_ref_log_probs(trainer.ref_model, batch)]
-    policy_before = [t.clone() for t in trainer.compute_ref_log_probs(trainer.model, batch)]
     trainer.train()
     ref_after = trainer.compute_ref_log_probs(trainer.ref_model, batch)
-    policy_after = trainer.compute_ref_log_probs(trainer.model, batch)
+    policy_after = trainer.compute_ref_log_probs(trainer.model, batch)  # the trained model, through the same path
     ref = trainer.ref_model
     ref_params = list(ref.parameters())
     return dict(weights=_weights(trainer), history=trainer.state.log_history, step=trainer.state.global_step,
                 ref_same=all(torch.equal(a, b) for a, b in zip(ref_before, ref_after)),
-                policy_moved=not all(torch.equal(a, b) for a, b in zip(policy_before, policy_after)),
+                policy_moved=not all(torch.allclose(a, b) for a, b in zip(ref_before, policy_after)),
                 ref_grads=sum(p.grad is not None for p in ref_params),
                 ref_trainable=sum(p.requires_grad for p in ref_params),
                 ref_engine=type(ref).__name__)
