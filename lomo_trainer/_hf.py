@@ -45,16 +45,26 @@ def deepspeed_config_source(args) -> tuple[dict | None, str | None]:
 def set_deepspeed_config(args, config: dict) -> None:
     """accelerate must never build a DeepSpeed optimizer or scheduler for LOMO: the config it passes to
     ``deepspeed.initialize`` becomes ``config`` (LOMOTrainer's: no optimizer, scheduler or lora block, its own
-    "auto" values). The dicts are replaced in place: accelerate's DeepSpeed plugin holds the same object (from
-    ``--deepspeed``), or its own one (from accelerate's YAML), which the Trainer copies when it builds the
-    accelerator."""
+    "auto" values). The dict is replaced in place: accelerate's DeepSpeed plugin holds the same object.
+
+    A config from accelerate's YAML is first set up as TrainingArguments sets up ``--deepspeed``
+    (``HfTrainerDeepSpeedConfig`` with the TrainingArguments values filled in, held by ``args`` and the plugin):
+    otherwise the Trainer fills it from the arguments only when it builds the accelerator
+    (``propagate_args_to_deepspeed``), after the replacement, and takes LOMO's own values (``gradient_clipping``
+    0: LOMO clips) for disagreements with TrainingArguments."""
     plugin = getattr(args, "deepspeed_plugin", None)
-    for hf_ds in (getattr(args, "hf_deepspeed_config", None), getattr(plugin, "hf_ds_config", None)):
-        if hf_ds is not None and hf_ds.config is not config:
-            hf_ds.config.clear()
-            hf_ds.config.update(config)
-    if plugin is not None and getattr(plugin, "hf_ds_config", None) is not None:
-        plugin.deepspeed_config = plugin.hf_ds_config.config
+    if getattr(args, "hf_deepspeed_config", None) is None and plugin is not None:
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+        hf_ds = HfTrainerDeepSpeedConfig(plugin.hf_ds_config.config)  # a copy, "auto" values as written
+        hf_ds.trainer_config_process(args)
+        args.hf_deepspeed_config = plugin.hf_ds_config = hf_ds
+    hf_ds = getattr(args, "hf_deepspeed_config", None)
+    if hf_ds is not None:
+        hf_ds.config.clear()
+        hf_ds.config.update(config)
+        if plugin is not None:
+            plugin.deepspeed_config = hf_ds.config
 
 
 def metric_state(trainer):

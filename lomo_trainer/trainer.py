@@ -116,8 +116,8 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         self.lomo_settings = validate(self._ds_config, args, lomo_args)  # before any process group
         for message in self.lomo_settings.warnings:
             logger.warning(message)
-        if self._ds_config is not None and single_process_env():  # a plain `python train.py`: a world of one
-            logger.info("no launcher found: running as a world of one process")
+        if self._ds_config is not None:
+            _world_of_one_without_launcher()
         # LOMO + LoRA: a lora block, or a peft LoRA model passed in; the base weights become trainable (LOMO's)
         self.lora = self.lomo_settings.lora is not None or lora.is_peft_model(model)
         if self.lora:
@@ -157,6 +157,9 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         if trainer_cls not in _WRAPPED:
             def __init__(self, *pos, lomo_args: LOMOArguments | dict | None = None, **kwargs):
                 self._lomo_args_given = lomo_args  # read by LOMOTrainer.__init__, reached through trainer_cls's
+                args = kwargs.get("args", pos[1] if len(pos) > 1 else None)
+                if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
+                    _world_of_one_without_launcher()  # before trainer_cls loads a model under zero.Init
                 trainer_cls.__init__(self, *pos, **kwargs)
                 self._freeze_reference()
 
@@ -495,6 +498,13 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
 
 
 _WRAPPED: dict[type, type] = {}
+
+
+def _world_of_one_without_launcher() -> None:
+    """A plain ``python train.py`` with DeepSpeed: a world of one, as lomo-train sets it up, or DeepSpeed's first
+    ``init_distributed`` (zero.Init while loading, or ``deepspeed.initialize``) falls back to MPI discovery."""
+    if single_process_env():
+        logger.info("no launcher found: running DeepSpeed as a world of one process")
 
 
 class _FusedControl(TrainerCallback):
