@@ -18,7 +18,10 @@ The stock training loop (``Trainer.train``) runs; LOMOTrainer fills its overrida
   model folder (loadable by ``from_pretrained``) plus the scheduler, LOMO's state and RNG, nothing pickled, written
   to ``checkpoint-N.tmp`` and renamed, so a crash never destroys the previous one.
 Callbacks, logging, evaluation and save strategies, the best model, rotation and data skipping on resume are the
-stock Trainer's, and LOMO mixes into another Trainer subclass (``class X(LOMOTrainer, SFTTrainer)``).
+stock Trainer's. ``LOMOTrainer.wrap(SFTTrainer)`` gives another Trainer subclass (TRL's SFTTrainer and DPOTrainer,
+Seq2SeqTrainer) LOMO's update, its own overrides kept in front. The DeepSpeed config is read from
+``TrainingArguments.deepspeed`` or accelerate's DeepSpeed plugin (``accelerate launch`` with it in the YAML only); a
+plain process with DeepSpeed runs as a world of one.
 """
 from __future__ import annotations
 
