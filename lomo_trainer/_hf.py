@@ -1,7 +1,12 @@
 """Every use of transformers'/accelerate's private attributes lives here, so an upgrade touches one file.
 
 Checked against transformers 5.25 (trainer.py line numbers below) and accelerate 1.16:
-- ``TrainingArguments.hf_deepspeed_config.config`` is the dict accelerate hands to ``deepspeed.initialize``;
+- ``TrainingArguments.hf_deepspeed_config.config`` is the dict accelerate hands to ``deepspeed.initialize``; with
+  ``accelerate launch`` and DeepSpeed set only in accelerate's YAML, ``TrainingArguments.deepspeed`` stays unset and
+  the dict is ``TrainingArguments.deepspeed_plugin.hf_ds_config.config`` (the plugin TrainingArguments builds from
+  accelerate's ``ACCELERATE_*`` variables; the Trainer copies it into the accelerator's plugin);
+- TRL's trainers keep their per-step metrics in ``_metrics`` and a token count in ``_total_train_tokens``, both
+  appended to by ``compute_loss``;
 - ``Accelerator._models`` is where ``evaluate()`` looks for an already-built DeepSpeed engine, and
   ``Accelerator._optimizers`` is what ``Accelerator.optimizer_step_was_skipped`` asks (the stock loop steps the lr
   scheduler only when it is false);
@@ -17,14 +22,66 @@ from __future__ import annotations
 import re
 
 
+def deepspeed_config_source(args) -> tuple[dict | None, str | None]:
+    """(the DeepSpeed config as the user wrote it, where it came from), or (None, None) without DeepSpeed:
+    ``TrainingArguments.deepspeed`` (a path or a dict), else accelerate's DeepSpeed plugin (``accelerate launch``
+    with ``distributed_type: DEEPSPEED`` and ``deepspeed_config_file`` or ``zero_stage``/... in its YAML). The
+    plugin's copy has accelerate's own additions (``steps_per_print``, the YAML's keys); its "auto" values are
+    still "auto" and are filled from TrainingArguments as for a JSON. A copy: the caller replaces the original."""
+    import copy
+
+    from .config import load_json
+
+    if args.deepspeed:
+        where = args.deepspeed if isinstance(args.deepspeed, str) else "TrainingArguments.deepspeed"
+        return load_json(args.deepspeed), where
+    plugin = getattr(args, "deepspeed_plugin", None)
+    hf_ds = getattr(plugin, "hf_ds_config", None)
+    if hf_ds is None or not isinstance(getattr(hf_ds, "config", None), dict):
+        return None, None
+    return copy.deepcopy(hf_ds.config), "accelerate's DeepSpeed plugin (accelerate config YAML)"
+
+
 def set_deepspeed_config(args, config: dict) -> None:
     """accelerate must never build a DeepSpeed optimizer or scheduler for LOMO: the config it passes to
     ``deepspeed.initialize`` becomes ``config`` (LOMOTrainer's: no optimizer, scheduler or lora block, its own
-    "auto" values). The dict is replaced in place: accelerate's DeepSpeed plugin holds the same object."""
+    "auto" values). The dict is replaced in place: accelerate's DeepSpeed plugin holds the same object.
+
+    A config from accelerate's YAML is first set up as TrainingArguments sets up ``--deepspeed``
+    (``HfTrainerDeepSpeedConfig`` with the TrainingArguments values filled in, held by ``args`` and the plugin):
+    otherwise the Trainer fills it from the arguments only when it builds the accelerator
+    (``propagate_args_to_deepspeed``), after the replacement, and takes LOMO's own values (``gradient_clipping``
+    0: LOMO clips) for disagreements with TrainingArguments."""
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if getattr(args, "hf_deepspeed_config", None) is None and plugin is not None:
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+        hf_ds = HfTrainerDeepSpeedConfig(plugin.hf_ds_config.config)  # a copy, "auto" values as written
+        hf_ds.trainer_config_process(args)
+        args.hf_deepspeed_config = plugin.hf_ds_config = hf_ds
     hf_ds = getattr(args, "hf_deepspeed_config", None)
     if hf_ds is not None:
         hf_ds.config.clear()
         hf_ds.config.update(config)
+        if plugin is not None:
+            plugin.deepspeed_config = hf_ds.config
+
+
+def metric_state(trainer):
+    """TRL's per-step metrics and token count (None for a trainer without them), to be put back after a repeated
+    forward: LOMO runs ``compute_loss`` twice in a step when it clips by the global norm or scales an fp16 loss,
+    and the stock loop runs it once."""
+    import copy
+
+    return copy.deepcopy(getattr(trainer, "_metrics", None)), getattr(trainer, "_total_train_tokens", None)
+
+
+def restore_metric_state(trainer, state) -> None:
+    metrics, tokens = state
+    if metrics is not None:
+        trainer._metrics = metrics
+    if tokens is not None:
+        trainer._total_train_tokens = tokens
 
 
 def deepspeed_engine(trainer):

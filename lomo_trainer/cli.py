@@ -449,13 +449,9 @@ def build_model(run: RunArguments, args, dtype=None):
 
 def _single_process_env() -> None:
     """Started without a launcher: describe a world of one, or DeepSpeed falls back to MPI discovery."""
-    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
-        return
-    from .local_ranks import _free_port
+    from .local_ranks import single_process_env
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    single_process_env()
 
 
 def load_choice_rows(run: RunArguments) -> list[dict]:

@@ -252,7 +252,7 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
     if getattr(args, "max_steps", -1) <= 0 and getattr(args, "num_train_epochs", 1) < 0:
         raise ConfigError(f"num_train_epochs={args.num_train_epochs} is negative (with max_steps="
                           f"{args.max_steps}): set num_train_epochs > 0 or max_steps > 0")
-    given = _merge(_from_lomo_args(lomo_args) + _from_deepspeed(ds))
+    given = _merge(_from_lomo_args(lomo_args) + _from_deepspeed(ds) + _from_training_args(args))
     gas = _accumulation_steps(ds, args)
     warnings = _check_engine(ds, args, gas, world_size) if ds_config is not None else []
     fp16, bf16 = _precision(ds, args, deepspeed=ds_config is not None)
@@ -299,6 +299,16 @@ def _from_deepspeed(ds: dict) -> list[tuple[str, str, object]]:
         stated += _stated(_block(opt, "params", "optimizer.params", '{"lr": "auto"}'), "optimizer.params",
                           OPTIMIZER_PARAMS)
     return stated
+
+
+def _from_training_args(args) -> list[tuple[str, str, object]]:
+    """TrainingArguments(optim="lomo"/"adalomo"): transformers' names for its own LOMO, which LOMOTrainer replaces
+    with its own (any other optim value is the stock Trainer's default or choice, and LOMOTrainer is the
+    optimizer)."""
+    optim = str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", None)) or "").lower()
+    if optim in OPTIMIZER_TYPES:
+        return [("TrainingArguments.optim", "optimizer", OPTIMIZER_TYPES[optim])]
+    return []
 
 
 def _stated(values: dict, where: str, allowed: set) -> list[tuple[str, str, object]]:

@@ -17,6 +17,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def single_process_env() -> bool:
+    """Started without a launcher (a plain ``python train.py``): describe a world of one in the environment, or
+    DeepSpeed falls back to MPI discovery (and dies without mpi4py). Returns whether it set anything."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return False
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    return True
+
+
 def _child(fn, rank, world, local_world, backend, port, queue, args, kwargs):
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),

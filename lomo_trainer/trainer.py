@@ -18,7 +18,10 @@ The stock training loop (``Trainer.train``) runs; LOMOTrainer fills its overrida
   model folder (loadable by ``from_pretrained``) plus the scheduler, LOMO's state and RNG, nothing pickled, written
   to ``checkpoint-N.tmp`` and renamed, so a crash never destroys the previous one.
 Callbacks, logging, evaluation and save strategies, the best model, rotation and data skipping on resume are the
-stock Trainer's, and LOMO mixes into another Trainer subclass (``class X(LOMOTrainer, SFTTrainer)``).
+stock Trainer's. ``LOMOTrainer.wrap(SFTTrainer)`` gives another Trainer subclass (TRL's SFTTrainer and DPOTrainer,
+Seq2SeqTrainer) LOMO's update, its own overrides kept in front. The DeepSpeed config is read from
+``TrainingArguments.deepspeed`` or accelerate's DeepSpeed plugin (``accelerate launch`` with it in the YAML only); a
+plain process with DeepSpeed runs as a world of one.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from . import _hf, _zero, checkpoint, lora
 from .checkpoint import LOMO_STATE, PREFIX as CKPT_PREFIX, SCHEDULER, TRAINER_STATE, last_checkpoint  # noqa: F401
 from .config import LOMOArguments, engine_config, load_json, refuse_removed_keywords, validate
 from .errors import CheckpointError, ConfigError, Interrupted, SaveFailed, TrainingDiverged
+from .local_ranks import single_process_env
 from .optim import all_finite
 from .optim.factory import build_optimizer
 from .schedulers import deepspeed_scheduler
@@ -128,29 +132,78 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
 
     def __init__(self, model=None, args=None, *pos, lomo_args: LOMOArguments | dict | None = None, **kwargs):
         refuse_removed_keywords(kwargs)
+        if lomo_args is None:  # given to a wrapped class (LOMOTrainer.wrap), whose own __init__ runs first
+            lomo_args = self.__dict__.pop("_lomo_args_given", None)
         if args is None:
             raise ConfigError("LOMOTrainer needs TrainingArguments (args=...)")
-        if kwargs.get("optimizers", (None, None)) != (None, None):
-            raise ConfigError("optimizers=(...) cannot be combined with LOMOTrainer: LOMO is the optimizer")
-        self._ds_config = load_json(args.deepspeed) if args.deepspeed else None
+        if kwargs.get("optimizers", (None, None)) != (None, None) or kwargs.get("optimizer_cls_and_kwargs"):
+            raise ConfigError("optimizers=(...) / optimizer_cls_and_kwargs cannot be combined with LOMOTrainer: LOMO "
+                              "is the optimizer")
+        # TrainingArguments.deepspeed, else accelerate's DeepSpeed plugin (accelerate launch with only a YAML)
+        self._ds_config, self._ds_config_source = _hf.deepspeed_config_source(args)
+        if self._ds_config is None and isinstance(model, torch.nn.Module) and \
+                any(_zero.is_zero3_param(p) for p in model.parameters()):
+            raise ConfigError("the model's parameters are ZeRO-3 partitioned (built under deepspeed.zero.Init) but no "
+                              "DeepSpeed config was found: pass TrainingArguments(deepspeed=\"ds_config.json\") "
+                              "(--deepspeed), or launch with accelerate launch --config_file CONFIG.yaml holding "
+                              "distributed_type: DEEPSPEED and deepspeed_config_file")
         self.lomo_settings = validate(self._ds_config, args, lomo_args)  # before any process group
         for message in self.lomo_settings.warnings:
             logger.warning(message)
+        if self._ds_config is not None:
+            _world_of_one_without_launcher()
         # LOMO + LoRA: a lora block, or a peft LoRA model passed in; the base weights become trainable (LOMO's)
         self.lora = self.lomo_settings.lora is not None or lora.is_peft_model(model)
         if self.lora:
             model = lora.prepare_model(model, self.lomo_settings.lora)
         if self._ds_config is not None:  # what accelerate will pass to deepspeed.initialize
-            _hf.set_deepspeed_config(args, engine_config(self._ds_config, args, args.world_size, model=model))
+            _hf.set_deepspeed_config(args, engine_config(self._ds_config, args, args.world_size,
+                                                         model=model if isinstance(model, torch.nn.Module) else None))
         super().__init__(model, args, *pos, **kwargs)
         if self.is_deepspeed_enabled and self._ds_config is None:
-            raise ConfigError("LOMOTrainer reads the DeepSpeed config from TrainingArguments(deepspeed=...): pass "
-                              "--deepspeed CONFIG.json (accelerate launch's deepspeed_config_file alone is not read)")
+            raise ConfigError("DeepSpeed is enabled but LOMOTrainer found no DeepSpeed config: pass "
+                              "TrainingArguments(deepspeed=\"ds_config.json\") (--deepspeed), or a deepspeed_config_file "
+                              "in accelerate's YAML")
+        self._freeze_reference()
         self.lomo_optimizer = None
         self._tokens, self._log_time, self._consecutive_skips = None, 0.0, 0
         self._finite_losses = None  # micro-steps with a finite loss since the last log (device count)
         self._stop_signal = None  # SIGTERM or SIGINT once received
         self.add_callback(_FusedControl(self))
+
+    def _freeze_reference(self) -> None:
+        """A reference model (TRL's DPOTrainer; under ZeRO-3 an inference-only partitioned engine, as DPOTrainer
+        prepares it) is never LOMO's: it holds no gradients, and LOMO's hooks are only on the trained model. A wrapped
+        class may set it after its ``super().__init__``: checked again there and when LOMO is built."""
+        reference = getattr(self, "ref_model", None)
+        if isinstance(reference, torch.nn.Module) and reference is not self.model:
+            reference.requires_grad_(False)
+
+    @classmethod
+    def wrap(cls, trainer_cls: type) -> type:
+        """``trainer_cls`` (any ``transformers.Trainer`` subclass: TRL's SFTTrainer or DPOTrainer, Seq2SeqTrainer, your
+        own) with LOMO's update: ``LOMOTrainer.wrap(SFTTrainer)(model=..., args=..., train_dataset=...,
+        lomo_args=...)`` takes the wrapped class's arguments, plus ``lomo_args``. The wrapped class comes first in
+        the method order, so its overrides (``compute_loss``, ``training_step``, ``log``, ``_save_checkpoint``...)
+        wrap LOMOTrainer's, which stand where the stock Trainer's stood. One class per ``trainer_cls``."""
+        if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, Trainer)):
+            raise ConfigError(f"LOMOTrainer.wrap needs a transformers.Trainer subclass, got {trainer_cls!r}")
+        if issubclass(trainer_cls, LOMOTrainer):
+            return trainer_cls
+        if trainer_cls not in _WRAPPED:
+            def __init__(self, *pos, lomo_args: LOMOArguments | dict | None = None, **kwargs):
+                self._lomo_args_given = lomo_args  # read by LOMOTrainer.__init__, reached through trainer_cls's
+                args = kwargs.get("args", pos[1] if len(pos) > 1 else None)
+                if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
+                    _world_of_one_without_launcher()  # before trainer_cls loads a model under zero.Init
+                trainer_cls.__init__(self, *pos, **kwargs)
+                self._freeze_reference()
+
+            name = f"LOMO{trainer_cls.__name__}"
+            _WRAPPED[trainer_cls] = type(name, (trainer_cls, cls), {
+                "__init__": __init__, "__module__": trainer_cls.__module__, "__qualname__": name,
+                "__doc__": f"{trainer_cls.__name__} with LOMO's fused update (LOMOTrainer.wrap)."})
+        return _WRAPPED[trainer_cls]
 
     # ------------------------------------------------------------------ set-up
     def create_optimizer(self, model=None):
@@ -173,6 +226,7 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         TrainingArguments') on LOMO's param groups."""
         if self.lomo_optimizer is not None:  # a second train(): the old hooks would update twice
             self.lomo_optimizer.remove_hooks()
+        self._freeze_reference()
         target = _hf.deepspeed_engine(self) if self.is_deepspeed_enabled else self.model
         self._check_loaded_weights()
         self.lomo_optimizer = lomo = self.make_optimizer(target)
@@ -248,8 +302,15 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
                 self.compute_loss_func is not None
 
+        calls = 0
+
         def closure():
+            nonlocal calls
+            calls += 1
+            saved = _hf.metric_state(self) if calls > 1 else None  # a repeated forward: count its metrics once
             loss = self.compute_loss(module, inputs, num_items_in_batch=num_items_in_batch)
+            if saved is not None:
+                _hf.restore_metric_state(self, saved)
             return loss if scaled else loss / self.current_gradient_accumulation_steps
 
         lomo = self.lomo_optimizer
@@ -594,6 +655,16 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         logger.info(f"loading the best model from {best} ({self.args.metric_for_best_model} = {self.state.best_metric})")
         checkpoint.load_weights(self.model, best, self.lora)
         _zero.refresh_partitions(self.deepspeed)
+
+
+_WRAPPED: dict[type, type] = {}
+
+
+def _world_of_one_without_launcher() -> None:
+    """A plain ``python train.py`` with DeepSpeed: a world of one, as lomo-train sets it up, or DeepSpeed's first
+    ``init_distributed`` (zero.Init while loading, or ``deepspeed.initialize``) falls back to MPI discovery."""
+    if single_process_env():
+        logger.info("no launcher found: running DeepSpeed as a world of one process")
 
 
 class _FusedControl(TrainerCallback):

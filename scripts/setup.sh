@@ -18,5 +18,5 @@ echo "torch==$tv" > "$VENV/torch-constraint.txt"
 export PIP_CONSTRAINT="$PWD/$VENV/torch-constraint.txt"
 # deepspeed's setup.py imports torch: build it against the torch installed here, not a fresh one.
 "$PY" -m pip show deepspeed >/dev/null 2>&1 || DS_BUILD_OPS=0 "$PY" -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
-"$PY" -m pip install -q -e ".[dev,bench,lora]"
+"$PY" -m pip install -q -e ".[dev,bench,lora,trl]"
 touch "$stamp"

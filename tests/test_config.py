@@ -426,3 +426,83 @@ def test_cli_optimizer_flag_reaches_lomo_arguments():
     run, _, lomo = parse([os.path.join(ROOT, "configs", "default_cpu.json"), "--optimizer", "adalomo",
                           "--clip_threshold", "0.5"])
     assert (lomo.optimizer, lomo.clip_threshold) == ("adalomo", 0.5)
+
+
+# ---------------------------------------------------------------- issue 21: optim, accelerate's plugin, plain process
+@pytest.mark.parametrize("optim,expected", [("lomo", "lomo"), ("adalomo", "adalomo"), ("adamw_torch", "lomo"),
+                                            ("sgd", "lomo")])
+def test_training_arguments_optim_lomo_or_adalomo_selects_ours(optim, expected):
+    assert validate({"zero_optimization": {"stage": 3}}, targs(optim=optim)).optimizer == expected
+    assert validate(None, targs(optim=optim)).optimizer == expected
+
+
+def test_training_arguments_optim_against_another_source_is_one_line():
+    with pytest.raises(ConfigError, match="optimizer.*TrainingArguments.optim='adalomo'"):
+        validate(ZERO3 | {"optimizer": {"type": "LOMO"}}, targs(optim="adalomo"))
+    with pytest.raises(ConfigError, match="TrainingArguments.optim"):
+        validate(None, targs(optim="lomo"), LOMOArguments(optimizer="adalomo"))
+
+
+def _plugin_args(tmp_path, monkeypatch, config, **kw):
+    from transformers import TrainingArguments
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch sets from a DEEPSPEED YAML
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **kw)
+
+
+def test_deepspeed_config_is_read_from_accelerates_plugin(tmp_path, monkeypatch):
+    from lomo_trainer import _hf
+
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 3},
+           "optimizer": {"type": "AdaLomo", "params": {"lr": "auto"}}}
+    args = _plugin_args(tmp_path, monkeypatch, cfg, max_grad_norm=0.5, per_device_train_batch_size=3)
+    assert args.deepspeed is None and args.deepspeed_plugin is not None
+    found, where = _hf.deepspeed_config_source(args)
+    assert "accelerate" in where and found["optimizer"]["type"] == "AdaLomo"
+    settings = validate(found, args)
+    assert settings.optimizer == "adalomo" and settings.clip_grad_norm == 0.5
+    engine = engine_config(found, args, 1)
+    _hf.set_deepspeed_config(args, engine)
+    # what accelerate hands deepspeed.initialize: LOMO's engine config, "auto" filled, no optimizer, held by args as
+    # with --deepspeed (so the Trainer does not refill it from the arguments)
+    plugin = args.deepspeed_plugin
+    assert args.hf_deepspeed_config is plugin.hf_ds_config and plugin.deepspeed_config is plugin.hf_ds_config.config
+    assert "optimizer" not in plugin.deepspeed_config and plugin.deepspeed_config["gradient_clipping"] == 0.0
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
+
+
+def test_deepspeed_config_in_the_plugin_is_checked_like_a_json(tmp_path, monkeypatch):
+    from lomo_trainer import _hf
+
+    cfg = {"gradient_clipping": 2.0, "zero_optimization": {"stage": 3}}
+    args = _plugin_args(tmp_path, monkeypatch, cfg, max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match="gradient_clipping=2.0 but TrainingArguments.max_grad_norm=1.0"):
+        validate(_hf.deepspeed_config_source(args)[0], args)
+
+
+def test_partitioned_model_without_a_deepspeed_config_is_refused_at_start_up(tmp_path):
+    from transformers import TrainingArguments
+
+    from lomo_trainer import LOMOTrainer
+    from models import tiny_llama
+
+    model = tiny_llama()
+    for p in model.parameters():  # what deepspeed.zero.Init leaves on every parameter
+        p.ds_tensor, p.ds_numel = p.data.view(-1)[:1], p.numel()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(ConfigError, match="ZeRO-3 partitioned.*deepspeed=.*accelerate launch"):
+        LOMOTrainer(model=model, args=args)
+
+
+def test_a_plain_process_becomes_a_world_of_one(monkeypatch):
+    from lomo_trainer.local_ranks import single_process_env
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert single_process_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
+    assert os.environ["MASTER_PORT"].isdigit()
+    assert not single_process_env()  # a launcher's (or our earlier) world is left alone
