@@ -38,7 +38,7 @@ from transformers.trainer_callback import ExportableState
 
 from . import _hf, _zero, checkpoint, lora
 from .checkpoint import LOMO_STATE, PREFIX as CKPT_PREFIX, SCHEDULER, TRAINER_STATE, last_checkpoint  # noqa: F401
-from .config import LOMOArguments, engine_config, load_json, refuse_removed_keywords, validate
+from .config import LOMOArguments, engine_config, refuse_removed_keywords, validate
 from .errors import CheckpointError, ConfigError, Interrupted, SaveFailed, TrainingDiverged
 from .local_ranks import single_process_env
 from .optim import all_finite

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from distributed import run_ranks
+
 from lomo_trainer.cli import main, parse
 from lomo_trainer.errors import ConfigError
 from lomo_trainer.config import LOMOArguments, engine_config, load_json, validate
@@ -443,22 +445,30 @@ def test_training_arguments_optim_against_another_source_is_one_line():
         validate(None, targs(optim="lomo"), LOMOArguments(optimizer="adalomo"))
 
 
-def _plugin_args(tmp_path, monkeypatch, config, **kw):
+def _plugin_args(tmp_path, config, **kw):
+    """TrainingArguments as under ``accelerate launch`` with a DEEPSPEED YAML. They set accelerate's state up, which
+    starts a process group: the tests that use them run in a forked rank (run_ranks), never in pytest's process."""
     from transformers import TrainingArguments
 
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps(config))
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch sets from a DEEPSPEED YAML
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    path = os.path.join(tmp_path, "ds.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what accelerate launch sets from a DEEPSPEED YAML
+    os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = path
     return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **kw)
 
 
-def test_deepspeed_config_is_read_from_accelerates_plugin(tmp_path, monkeypatch):
+@pytest.mark.multirank
+def test_deepspeed_config_is_read_from_accelerates_plugin(tmp_path):
+    run_ranks(_read_from_plugin, 1, str(tmp_path))
+
+
+def _read_from_plugin(rank, world, tmp_path):
     from lomo_trainer import _hf
 
     cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 3},
            "optimizer": {"type": "AdaLomo", "params": {"lr": "auto"}}}
-    args = _plugin_args(tmp_path, monkeypatch, cfg, max_grad_norm=0.5, per_device_train_batch_size=3)
+    args = _plugin_args(tmp_path, cfg, max_grad_norm=0.5, per_device_train_batch_size=3)
     assert args.deepspeed is None and args.deepspeed_plugin is not None
     found, where = _hf.deepspeed_config_source(args)
     assert "accelerate" in where and found["optimizer"]["type"] == "AdaLomo"
@@ -474,11 +484,16 @@ def test_deepspeed_config_is_read_from_accelerates_plugin(tmp_path, monkeypatch)
     assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
 
 
-def test_deepspeed_config_in_the_plugin_is_checked_like_a_json(tmp_path, monkeypatch):
+@pytest.mark.multirank
+def test_deepspeed_config_in_the_plugin_is_checked_like_a_json(tmp_path):
+    run_ranks(_checked_like_a_json, 1, str(tmp_path))
+
+
+def _checked_like_a_json(rank, world, tmp_path):
     from lomo_trainer import _hf
 
     cfg = {"gradient_clipping": 2.0, "zero_optimization": {"stage": 3}}
-    args = _plugin_args(tmp_path, monkeypatch, cfg, max_grad_norm=1.0)
+    args = _plugin_args(tmp_path, cfg, max_grad_norm=1.0)
     with pytest.raises(ConfigError, match="gradient_clipping=2.0 but TrainingArguments.max_grad_norm=1.0"):
         validate(_hf.deepspeed_config_source(args)[0], args)
 
@@ -500,8 +515,10 @@ def test_partitioned_model_without_a_deepspeed_config_is_refused_at_start_up(tmp
 def test_a_plain_process_becomes_a_world_of_one(monkeypatch):
     from lomo_trainer.local_ranks import single_process_env
 
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_RANK"):
-        monkeypatch.delenv(key, raising=False)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.setenv(key, "")  # recorded (absent or not), so what single_process_env sets is undone after
+        monkeypatch.delenv(key)
     assert single_process_env()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
     assert os.environ["MASTER_PORT"].isdigit()
