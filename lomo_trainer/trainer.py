@@ -32,7 +32,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from . import _hf, _zero, checkpoint, lora
+from . import _hf, _zero, checkpoint, clip_choice, lora
 from .checkpoint import LOMO_STATE, PREFIX as CKPT_PREFIX, SCHEDULER, TRAINER_STATE, last_checkpoint  # noqa: F401
 from .config import LOMOArguments, engine_config, load_json, refuse_removed_keywords, validate
 from .errors import ConfigError, TrainingDiverged
@@ -117,6 +117,7 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
                               "--deepspeed CONFIG.json (accelerate launch's deepspeed_config_file alone is not read)")
         self.lomo_optimizer = None
         self._tokens, self._log_time, self._consecutive_skips = None, 0.0, 0
+        self._first_seq_len = None  # the first batch's length, for the planner (check_memory, clip_mode "auto")
         self.add_callback(_FusedControl(self))
 
     # ------------------------------------------------------------------ set-up
@@ -155,7 +156,17 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         return self.lr_scheduler
 
     def make_optimizer(self, target):
-        """LOMO (or AdaLomo) on the ZeRO-3 engine or the plain module, as the settings say."""
+        """LOMO (or AdaLomo) on the ZeRO-3 engine or the plain module, as the settings say; clip_mode "auto" is
+        decided here, from the planner (clip_choice.py), the same on every rank, and logged in one line."""
+        if self.lomo_settings.clip_mode == "auto":
+            s, args = self.lomo_settings, self.args
+            choice = clip_choice.decide(getattr(self.model, "config", None), args.device.type, self._first_seq_len,
+                                        buffer_dtype=s.auto_buffer_dtype, optimizer=s.optimizer,
+                                        **self._planner_inputs())
+            choice = clip_choice.agree(choice, args.device)
+            if self.is_world_process_zero():
+                logger.info(choice.line())
+            self.lomo_settings = clip_choice.resolve(s, choice)
         return build_optimizer(self.lomo_settings, target, **self._adapter_kwargs())
 
     def _adapter_kwargs(self) -> dict:
@@ -175,8 +186,11 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         if self.args.should_save and os.path.isdir(self.args.output_dir):
             for path in checkpoint.remove_unfinished(self.args.output_dir):
                 logger.warning(f"removed {path}: a save that never finished")
-        if self.lomo_settings.check_memory:
-            self._check_memory(self.get_train_dataloader())
+        s = self.lomo_settings
+        if self.args.device.type == "cuda" and (s.check_memory or s.clip_mode == "auto"):
+            self._first_seq_len = _first_seq_len(self.get_train_dataloader())
+        if s.check_memory:
+            self._check_memory()
         self._tokens, self._log_time = None, time.time()
         previous = _install_sigterm(self._on_sigterm)
         try:
@@ -272,9 +286,21 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
             raise SystemExit(128 + signal.SIGTERM)
         self.lomo_optimizer.shared_flags["stop"] = True  # shared at the next step's sync
 
-    def _check_memory(self, train_dl) -> None:
+    def _planner_inputs(self) -> dict:
+        """This run as the planner sees it (GPU memory: 0 off a GPU); the model and sequence length apart."""
+        s, args = self.lomo_settings, self.args
+        cuda = args.device.type == "cuda"
+        return dict(gpus=_world() if self.is_deepspeed_enabled else 1,  # without ZeRO-3 every rank holds it all
+                    gpu_mem_bytes=torch.cuda.get_device_properties(args.device).total_memory if cuda else 0,
+                    batch=args.per_device_train_batch_size, dtype="fp16" if s.fp16 else "bf16" if s.bf16 else "fp32",
+                    activation_checkpointing=bool(getattr(args, "activation_checkpointing", None)
+                                                  or getattr(args, "gradient_checkpointing", False)),
+                    ds_config=self._ds_config)
+
+    def _check_memory(self) -> None:
         """check_memory (asked for, never by default): refuse, before the engine is built, a setting the planner
-        predicts does not fit this GPU. The sequence length is the first batch's; LLaMA-shaped models only."""
+        predicts does not fit this GPU. The sequence length is the first batch's. clip_mode "auto" is checked as
+        two passes: it takes the buffer only within a stricter margin."""
         from .bench.planner import check_fits
 
         s, args = self.lomo_settings, self.args
@@ -283,15 +309,8 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
             return
         mode = "lomo_accum" if s.accumulation_dtype else s.optimizer
         try:
-            line = check_fits(self.model.config, mode=mode, gpus=_world(),
-                              gpu_mem_bytes=torch.cuda.get_device_properties(args.device).total_memory,
-                              seq_len=next(iter(train_dl))["input_ids"].shape[-1],
-                              batch=args.per_device_train_batch_size,
-                              dtype="fp16" if s.fp16 else "bf16" if s.bf16 else "fp32",
-                              accum_dtype=s.accumulation_dtype or "fp32",
-                              activation_checkpointing=bool(getattr(args, "activation_checkpointing", None)
-                                                            or getattr(args, "gradient_checkpointing", False)),
-                              ds_config=self._ds_config)
+            line = check_fits(self.model.config, mode=mode, seq_len=self._first_seq_len,
+                              accum_dtype=s.accumulation_dtype or "fp32", **self._planner_inputs())
         except ValueError as e:
             if str(e).startswith("check_memory"):
                 raise ConfigError(str(e)) from None
@@ -461,6 +480,15 @@ class _FusedControl(TrainerCallback):
         if self.trainer.lomo_optimizer.agreed_flags.get("stop"):
             logger.warning(f"SIGTERM: saved {CKPT_PREFIX}{state.global_step}, exiting")
             raise SystemExit(128 + signal.SIGTERM)
+
+
+def _first_seq_len(train_dl) -> int:
+    """The first batch's sequence length, drawn without moving any RNG: training then draws the same batches."""
+    state = checkpoint.rng_states()
+    try:
+        return next(iter(train_dl))["input_ids"].shape[-1]
+    finally:
+        checkpoint.set_rng_states(state)
 
 
 def _install_sigterm(handler):
