@@ -68,23 +68,29 @@ def plan_figures(model_config, *, gpus: int, gpu_mem_bytes: int, seq_len: int, b
                  buffer_dtype: str, optimizer: str = "lomo", activation_checkpointing: bool = False,
                  ds_config: dict | None = None) -> Figures:
     """The planner's figures for this run (bench/planner.py). Raises ConfigError or ValueError when the model's
-    config cannot be planned. AdaLomo: its factored state is added to the buffered peak (the planner has no
-    AdaLomo-with-buffer mode)."""
+    config cannot be planned."""
     from .bench.inventory import build_inventory
-    from .bench.planner import ALLOCATOR_RESERVE, Setup, ZeroKnobs, breakdown
+    from .bench.planner import Setup, ZeroKnobs
 
     zero = (ds_config or {}).get("zero_optimization") or {}
     setup = Setup(gpus=gpus, gpu_mem_gb=gpu_mem_bytes / GIB, seq_len=seq_len, batch=batch, dtype=dtype,
                   accum_dtype=buffer_dtype, activation_checkpointing=activation_checkpointing,
                   offload_param=(zero.get("offload_param") or {}).get("device", "none") == "cpu",
                   zero=ZeroKnobs.from_ds_config({k: v for k, v in zero.items() if v != "auto"}))
-    inv = build_inventory(model_config)
+    return figures_of(build_inventory(model_config), setup, optimizer)
+
+
+def figures_of(inv, setup, optimizer: str = "lomo") -> Figures:
+    """Figures from a planner inventory and Setup (its ``accum_dtype`` is the buffer's). AdaLomo: its factored state
+    is added to the buffered peak (the planner has no AdaLomo-with-buffer mode)."""
+    from .bench.planner import ALLOCATOR_RESERVE, breakdown
+
     two_pass = breakdown(inv, setup, "adalomo" if optimizer == "adalomo" else "lomo")
     buffered = breakdown(inv, setup, "lomo_accum")
     extra = int(two_pass["optimizer_states"] * (1 + ALLOCATOR_RESERVE))  # AdaLomo's state; 0 for LOMO
-    return Figures(gpu_mem_bytes=int(gpu_mem_bytes), gpus=gpus, n_params=inv.n_params, buffer_dtype=buffer_dtype,
-                   buffer_bytes=buffered["gradient_buffers"], two_pass_peak=two_pass["total_with_overhead"],
-                   buffered_peak=buffered["total_with_overhead"] + extra)
+    return Figures(gpu_mem_bytes=int(setup.gpu_mem_gb * GIB), gpus=setup.gpus, n_params=inv.n_params,
+                   buffer_dtype=setup.accum_dtype, buffer_bytes=buffered["gradient_buffers"],
+                   two_pass_peak=two_pass["total_with_overhead"], buffered_peak=buffered["total_with_overhead"] + extra)
 
 
 def resolve(settings, choice: Choice):

@@ -109,8 +109,10 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         self.lora = self.lomo_settings.lora is not None or lora.is_peft_model(model)
         if self.lora:
             model = lora.prepare_model(model, self.lomo_settings.lora)
-        if self._ds_config is not None:  # what accelerate will pass to deepspeed.initialize
-            _hf.set_deepspeed_config(args, engine_config(self._ds_config, args, args.world_size, model=model))
+        self._engine_config = None  # what accelerate will pass to deepspeed.initialize (the planner reads it too)
+        if self._ds_config is not None:
+            self._engine_config = engine_config(self._ds_config, args, args.world_size, model=model)
+            _hf.set_deepspeed_config(args, self._engine_config)
         super().__init__(model, args, *pos, **kwargs)
         if self.is_deepspeed_enabled and self._ds_config is None:
             raise ConfigError("LOMOTrainer reads the DeepSpeed config from TrainingArguments(deepspeed=...): pass "
@@ -295,7 +297,7 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
                     batch=args.per_device_train_batch_size, dtype="fp16" if s.fp16 else "bf16" if s.bf16 else "fp32",
                     activation_checkpointing=bool(getattr(args, "activation_checkpointing", None)
                                                   or getattr(args, "gradient_checkpointing", False)),
-                    ds_config=self._ds_config)
+                    ds_config=self._engine_config)  # "auto" gathering limits filled as DeepSpeed gets them
 
     def _check_memory(self) -> None:
         """check_memory (asked for, never by default): refuse, before the engine is built, a setting the planner

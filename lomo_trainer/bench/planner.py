@@ -375,6 +375,8 @@ def main(argv=None) -> None:
                     "\"auto\" and missing keys: DeepSpeed's defaults)")
     ap.add_argument("--modes", default=",".join(OPTIMIZERS), help="comma-separated subset of " + ",".join(MODES))
     ap.add_argument("--json", action="store_true", help="print the breakdown as JSON instead")
+    ap.add_argument("--clip-auto", action="store_true", help="print what clip_mode \"auto\" chooses for this run "
+                    "(the buffer in --accum-dtype; clip_choice.py) and the planned peak of each path, in one line")
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     try:
@@ -387,7 +389,12 @@ def main(argv=None) -> None:
                       zero=zero_knobs(args.ds_config, inv, args.gpus, args.dtype, args.gpu_mem_gb))
     except (ValueError, OSError) as e:
         ap.error(str(e))
-    if args.json:
+    if args.clip_auto:
+        from ..clip_choice import choose, figures_of
+
+        print(choose(figures_of(inv, setup, "adalomo" if "adalomo" in modes and "lomo" not in modes else "lomo"))
+              .line())
+    elif args.json:
         print(json.dumps(plan(inv, setup, modes), indent=1))
     else:
         print(format_plan(inv, setup, modes))
