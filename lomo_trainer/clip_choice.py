@@ -7,10 +7,11 @@ forward + backward that updates: "global"), or one pass whose reduced shard grad
 GPU's shards, the norm taken over the buffer ("buffered"). The buffer costs its dtype's bytes x parameters / GPUs
 and saves a forward and a backward per step. "auto" (the default) takes it when it fits.
 
-``choose`` is the decision, a pure function of the planner's figures; ``plan_figures`` asks the planner for them
-(model inventory on the meta device, GPUs, GPU memory, the first batch, the settings); ``resolve`` turns the
-settings' "auto" into "global" or "buffered"; ``agree`` makes every rank take the same path (the two paths run
-different collectives, so ranks that disagreed would hang).
+``choose`` is the decision, a pure function of the planner's figures; the planner computes them
+(``bench.planner.plan_clip_mode``: model inventory on the meta device, GPUs, GPU memory, the first batch, the
+settings) and calls it; ``resolve`` turns the settings' "auto" into "global" or "buffered"; ``agree`` makes every rank
+take the same path (the two paths run different collectives, so ranks that disagreed would hang). This module
+imports nothing of the package: the planner imports it.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from dataclasses import dataclass, replace
 # Headroom kept free beyond the planner's peak (which already counts 1 GiB of CUDA context and a 10% allocator
 # reserve): the buffered path is taken only if its planned peak is at most (1 - MARGIN) of the GPU's memory.
 MARGIN = 0.10
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 2**30
 
 
@@ -64,35 +64,6 @@ def choose(figures: Figures | None, device: str = "cuda", problem: str | None = 
     return Choice("global", f"{facts}: the buffer does not fit with the margin, two passes")
 
 
-def plan_figures(model_config, *, gpus: int, gpu_mem_bytes: int, seq_len: int, batch: int, dtype: str,
-                 buffer_dtype: str, optimizer: str = "lomo", activation_checkpointing: bool = False,
-                 ds_config: dict | None = None) -> Figures:
-    """The planner's figures for this run (bench/planner.py). Raises ConfigError or ValueError when the model's
-    config cannot be planned."""
-    from .bench.inventory import build_inventory
-    from .bench.planner import Setup, ZeroKnobs
-
-    zero = (ds_config or {}).get("zero_optimization") or {}
-    setup = Setup(gpus=gpus, gpu_mem_gb=gpu_mem_bytes / GIB, seq_len=seq_len, batch=batch, dtype=dtype,
-                  accum_dtype=buffer_dtype, activation_checkpointing=activation_checkpointing,
-                  offload_param=(zero.get("offload_param") or {}).get("device", "none") == "cpu",
-                  zero=ZeroKnobs.from_ds_config({k: v for k, v in zero.items() if v != "auto"}))
-    return figures_of(build_inventory(model_config), setup, optimizer)
-
-
-def figures_of(inv, setup, optimizer: str = "lomo") -> Figures:
-    """Figures from a planner inventory and Setup (its ``accum_dtype`` is the buffer's). AdaLomo: its factored state
-    is added to the buffered peak (the planner has no AdaLomo-with-buffer mode)."""
-    from .bench.planner import ALLOCATOR_RESERVE, breakdown
-
-    two_pass = breakdown(inv, setup, "adalomo" if optimizer == "adalomo" else "lomo")
-    buffered = breakdown(inv, setup, "lomo_accum")
-    extra = int(two_pass["optimizer_states"] * (1 + ALLOCATOR_RESERVE))  # AdaLomo's state; 0 for LOMO
-    return Figures(gpu_mem_bytes=int(setup.gpu_mem_gb * GIB), gpus=setup.gpus, n_params=inv.n_params,
-                   buffer_dtype=setup.accum_dtype, buffer_bytes=buffered["gradient_buffers"],
-                   two_pass_peak=two_pass["total_with_overhead"], buffered_peak=buffered["total_with_overhead"] + extra)
-
-
 def resolve(settings, choice: Choice):
     """The settings with clip_mode "auto" replaced by the choice (the buffer's dtype: ``auto_buffer_dtype``)."""
     if choice.clip_mode == "buffered":
@@ -114,16 +85,3 @@ def agree(choice: Choice, device) -> Choice:
                                 "on every rank")
     return choice
 
-
-def decide(model_config, device_type: str, seq_len: int | None, **planner_inputs) -> Choice:
-    """``choose`` on the planner's figures for this run; ``planner_inputs``: ``plan_figures``' keywords but the
-    model and the sequence length (None: the first batch is unknown). Any failure to plan means two passes."""
-    if device_type != "cuda":
-        return choose(None, device_type)
-    if seq_len is None:
-        return choose(None, problem="the first batch's length is unknown: train() reads it")
-    try:
-        figures = plan_figures(model_config, seq_len=seq_len, **planner_inputs)
-    except Exception as e:  # noqa: BLE001 (any model the planner cannot read: two passes, said in the line)
-        return choose(None, problem=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    return choose(figures)

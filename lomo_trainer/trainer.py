@@ -162,9 +162,10 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         decided here, from the planner (clip_choice.py), the same on every rank, and logged in one line."""
         if self.lomo_settings.clip_mode == "auto":
             s, args = self.lomo_settings, self.args
-            choice = clip_choice.decide(getattr(self.model, "config", None), args.device.type, self._first_seq_len,
-                                        buffer_dtype=s.auto_buffer_dtype, optimizer=s.optimizer,
-                                        **self._planner_inputs())
+            from .bench.planner import plan_clip_mode
+
+            choice = plan_clip_mode(getattr(self.model, "config", None), args.device.type, self._first_seq_len,
+                                    buffer_dtype=s.auto_buffer_dtype, optimizer=s.optimizer, **self._planner_inputs())
             choice = clip_choice.agree(choice, args.device)
             if self.is_world_process_zero():
                 logger.info(choice.line())

@@ -9,7 +9,9 @@ import torch
 
 from distributed import run_ranks
 from lomo_trainer import clip_choice
-from lomo_trainer.clip_choice import Choice, Figures, choose, decide, resolve
+from lomo_trainer.bench import planner
+from lomo_trainer.bench.planner import plan_clip_mode as decide
+from lomo_trainer.clip_choice import Choice, Figures, choose, resolve
 from lomo_trainer.config import LOMOSettings
 from lomo_trainer.optim.factory import build_optimizer, optimizer_kwargs
 from models import DS_CONFIG, VOCAB, allow_cpu_fp16, batch, reference_sgd, tiny_llama
@@ -39,30 +41,35 @@ def test_buffered_where_the_buffer_fits_with_the_margin_else_two_passes():
 def test_cpu_and_an_unreadable_model_keep_two_passes_and_say_so():
     cpu = choose(figures(1.0), device="cpu")
     assert cpu.clip_mode == "global" and cpu.line().startswith("clip_mode auto -> global (two passes): not on a GPU (cpu)")
-    # decide asks no planner off a GPU
-    assert decide(None, "cpu", 512, gpus=8).clip_mode == "global"
+    # no planner is asked off a GPU
+    assert decide(None, "cpu", 512, gpus=8, gpu_mem_bytes=0, batch=2, dtype="fp32", buffer_dtype="fp32").clip_mode \
+        == "global"
     unreadable = decide(object(), "cuda", 512, gpus=8, gpu_mem_bytes=24 * GIB, batch=2, dtype="fp16",
                         buffer_dtype="fp16")
     assert unreadable.clip_mode == "global"
     assert "the planner cannot read this model (" in unreadable.reason and "\n" not in unreadable.line()
-    assert "first batch" in decide(None, "cuda", None).reason
+    assert "first batch" in decide(None, "cuda", None, gpus=8, gpu_mem_bytes=24 * GIB, batch=2, dtype="fp16",
+                                   buffer_dtype="fp16").reason
 
 
 def test_decide_follows_the_planner_stubbed_to_fit_and_not_to_fit(monkeypatch):
     asked = {}
 
     def stub(buffered_gib):
-        def plan_figures(model_config, **kw):
-            asked.update(kw)
+        def clip_figures(inv, setup, optimizer):
+            asked.update(seq_len=setup.seq_len, buffer_dtype=setup.accum_dtype, n_params=inv.n_params)
             return figures(buffered_gib)
-        return plan_figures
+        return clip_figures
+
+    from lomo_trainer.bench.inventory import to_hf_config
+    from lomo_trainer.bench.presets import PRESETS
 
     kw = dict(gpus=8, gpu_mem_bytes=24 * GIB, batch=2, dtype="fp16", buffer_dtype="fp16")
-    monkeypatch.setattr(clip_choice, "plan_figures", stub(6.0))
-    assert decide("cfg", "cuda", 512, **kw).clip_mode == "buffered"
-    assert asked["seq_len"] == 512 and asked["buffer_dtype"] == "fp16"
-    monkeypatch.setattr(clip_choice, "plan_figures", stub(22.0))
-    assert decide("cfg", "cuda", 512, **kw).clip_mode == "global"
+    monkeypatch.setattr(planner, "clip_figures", stub(6.0))
+    assert decide(to_hf_config(PRESETS["7b"]), "cuda", 512, **kw).clip_mode == "buffered"
+    assert asked == dict(seq_len=512, buffer_dtype="fp16", n_params=6_738_415_616)
+    monkeypatch.setattr(planner, "clip_figures", stub(22.0))
+    assert decide(to_hf_config(PRESETS["7b"]), "cuda", 512, **kw).clip_mode == "global"
 
 
 def test_the_real_planner_on_8_x_24_gb():
@@ -131,7 +138,7 @@ def test_trainer_takes_the_buffer_when_the_decision_says_so(tmp_path, monkeypatc
         seen.update(kw, seq_len=seq_len)
         return Choice("buffered", "stubbed: fits")
 
-    monkeypatch.setattr(clip_choice, "decide", fits)
+    monkeypatch.setattr(planner, "plan_clip_mode", fits)
     trainer = _trainer(tmp_path)
     with caplog.at_level(logging.INFO, logger="lomo_trainer.trainer"):
         trainer.train()
