@@ -26,8 +26,9 @@ Gradient accumulation (``gradient_accumulation_steps`` > 1, from TrainingArgumen
 buffer of this rank's shards (``accumulation_dtype``); ``clip_mode="buffered"`` keeps one at 1 step too, so that
 global clipping and fp16 need one backward per step. ``clip_mode="auto"`` (the default) leaves that choice to
 start-up, where the planner says whether the buffer fits (clip_choice.py): validate resolves it to "global" only
-where no norm pass exists to save (no norm clipping and no fp16, or accumulation's buffer already there). DeepSpeed itself always gets gradient_accumulation_steps 1
-(it never sees a gradient) and the train_batch_size of one micro-step.
+where no norm pass exists to save (no norm clipping and no fp16, or accumulation's buffer already there).
+DeepSpeed itself always gets gradient_accumulation_steps 1 (it never sees a gradient) and the train_batch_size of
+one micro-step.
 """
 from __future__ import annotations
 

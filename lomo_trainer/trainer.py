@@ -307,8 +307,9 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         from .bench.planner import check_fits
 
         s, args = self.lomo_settings, self.args
-        if args.device.type != "cuda":
-            logger.warning("check_memory: not on a GPU, nothing checked")
+        if args.device.type != "cuda" or self._first_seq_len is None:
+            why = "not on a GPU" if args.device.type != "cuda" else "no input_ids in the first batch"
+            logger.warning(f"check_memory: {why}, nothing checked")
             return
         mode = "lomo_accum" if s.accumulation_dtype else s.optimizer
         try:
@@ -485,11 +486,14 @@ class _FusedControl(TrainerCallback):
             raise SystemExit(128 + signal.SIGTERM)
 
 
-def _first_seq_len(train_dl) -> int:
-    """The first batch's sequence length, drawn without moving any RNG: training then draws the same batches."""
+def _first_seq_len(train_dl) -> int | None:
+    """The first batch's sequence length, drawn without moving any RNG: training then draws the same batches. None
+    when it has no ``input_ids`` (the planner then plans nothing)."""
     state = checkpoint.rng_states()
     try:
         return next(iter(train_dl))["input_ids"].shape[-1]
+    except (KeyError, TypeError, IndexError, AttributeError, StopIteration):
+        return None
     finally:
         checkpoint.set_rng_states(state)
 

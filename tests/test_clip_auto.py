@@ -40,7 +40,8 @@ def test_buffered_where_the_buffer_fits_with_the_margin_else_two_passes():
 
 def test_cpu_and_an_unreadable_model_keep_two_passes_and_say_so():
     cpu = choose(figures(1.0), device="cpu")
-    assert cpu.clip_mode == "global" and cpu.line().startswith("clip_mode auto -> global (two passes): not on a GPU (cpu)")
+    assert cpu.clip_mode == "global"
+    assert cpu.line().startswith("clip_mode auto -> global (two passes): not on a GPU (cpu)")
     # no planner is asked off a GPU
     assert decide(None, "cpu", 512, gpus=8, gpu_mem_bytes=0, batch=2, dtype="fp32", buffer_dtype="fp32").clip_mode \
         == "global"
@@ -86,7 +87,8 @@ def test_the_real_planner_on_8_x_24_gb():
 
 
 def test_resolve_gives_the_factory_each_path():
-    s = LOMOSettings(lr=0.1, clip_grad_norm=1.0, clip_mode="auto", fp16={"initial_scale_power": 16}, auto_buffer_dtype="fp16")
+    s = LOMOSettings(lr=0.1, clip_grad_norm=1.0, clip_mode="auto", fp16={"initial_scale_power": 16},
+                     auto_buffer_dtype="fp16")
     one = optimizer_kwargs(resolve(s, Choice("buffered", "")))
     assert (one["accumulate"], one["clip_mode"], one["buffer_dtype"]) == (True, "global", torch.float16)
     two = optimizer_kwargs(resolve(s, Choice("global", "")))

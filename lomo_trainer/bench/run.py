@@ -85,8 +85,9 @@ def predict(cfg: dict) -> dict:
                   batch=cfg["batch"], dtype=cfg["dtype"], activation_checkpointing=cfg["activation_checkpointing"],
                   offload_param=cfg["offload_param"], device=cfg["device"], fused_adamw=cfg["device"] == "cuda",
                   zero=ZeroKnobs.from_ds_config(cfg.get("zero") or {}))
-    return {m: breakdown(inv, replace(setup, accum_dtype=cfg["dtype"]) if MODES[m].plan_accum_dtype == "train" else setup,
-                         MODES[m].plan or m) for m in MODES}
+    in_train_dtype = replace(setup, accum_dtype=cfg["dtype"])  # a buffer in the training dtype (lomo_clip_buffered)
+    return {m: breakdown(inv, in_train_dtype if MODES[m].plan_accum_dtype == "train" else setup, MODES[m].plan or m)
+            for m in MODES}
 
 
 def resolve_zero(overrides: dict, inv: Inventory, world: int, dtype: str, mem_bytes: int | None) -> dict:
