@@ -3,7 +3,7 @@
 Users already write DeepSpeed JSON; LOMOTrainer reads the same file:
 
     "optimizer": {"type": "LOMO", "params": {"lr": "auto", "weight_decay": "auto", "clip_grad_norm": "auto",
-                                              "clip_grad_value": null, "clip_mode": "global",
+                                              "clip_grad_value": null, "clip_mode": "auto",
                                               "stochastic_rounding": true}},
     "scheduler": {"type": "WarmupDecayLR", "params": {...}},   # run by DeepSpeed's own scheduler classes
     "lora": {"r": 8, "lora_alpha": 16, "target_modules": [...],  # optional: LOMO + LoRA (lora.py)
@@ -24,8 +24,11 @@ Clipping: TrainingArguments.max_grad_norm (1.0 by default, which is also DeepSpe
 ``gradient_clipping``); 0 turns norm clipping off and saves the second backward pass.
 Gradient accumulation (``gradient_accumulation_steps`` > 1, from TrainingArguments or the JSON) keeps a gradient
 buffer of this rank's shards (``accumulation_dtype``); ``clip_mode="buffered"`` keeps one at 1 step too, so that
-global clipping and fp16 need one backward per step. DeepSpeed itself always gets gradient_accumulation_steps 1
-(it never sees a gradient) and the train_batch_size of one micro-step.
+global clipping and fp16 need one backward per step. ``clip_mode="auto"`` (the default) leaves that choice to
+start-up, where the planner says whether the buffer fits (clip_choice.py): validate resolves it to "global" only
+where no norm pass exists to save (no norm clipping and no fp16, or accumulation's buffer already there).
+DeepSpeed itself always gets gradient_accumulation_steps 1 (it never sees a gradient) and the train_batch_size of
+one micro-step.
 """
 from __future__ import annotations
 
@@ -138,9 +141,11 @@ class LOMOArguments:
     clip_grad_value: float | None = field(default=None, metadata={
         "help": "clamp each gradient element to [-v, v] (one backward pass); default: off"})
     clip_mode: str | None = field(default=None, metadata={
-        "help": '"global" (default): exact global-norm clipping at max_grad_norm, two backward passes (one with '
-                'gradient accumulation); "buffered": the same from a shard-sized gradient buffer, one pass, + '
-                'accumulation_dtype bytes x params / GPUs; "per_param": each gradient clipped on its own, one pass'})
+        "help": '"auto" (default): "buffered" where the planner says its buffer fits this GPU with a 10% margin, '
+                'else "global" (always "global" on CPU); "global": exact global-norm clipping at max_grad_norm, two '
+                'backward passes (one with gradient accumulation); "buffered": the same from a shard-sized gradient '
+                'buffer, one pass, + accumulation_dtype bytes x params / GPUs; "per_param": each gradient clipped on '
+                'its own, one pass'})
     stochastic_rounding: bool | None = field(default=None, metadata={
         "help": "bf16 only: write updates back with stochastic rounding; default: false"})
     max_consecutive_skips: int | None = field(default=None, metadata={
@@ -158,7 +163,8 @@ class LOMOArguments:
         "help": "AdaLomo: floor of the parameter RMS that scales the step (the references' eps[1]); default: 1e-3"})
     accumulation_dtype: str | None = field(default=None, metadata={
         "help": 'dtype of the gradient buffer (gradient_accumulation_steps > 1 or clip_mode "buffered"): "fp32" '
-                '(default), or the training dtype ("bf16"/"fp16") to halve it'})
+                '(default), or the training dtype ("bf16"/"fp16") to halve it; a buffer that clip_mode "auto" '
+                'chooses is in the training dtype unless this says otherwise'})
     check_memory: bool | None = field(default=None, metadata={
         "help": "before training, refuse a setting that the planner predicts does not fit this GPU's memory "
                 "(LLaMA-shaped models); default: false, no check"})
@@ -170,9 +176,10 @@ class LOMOArguments:
     def __post_init__(self):  # messages start with the field name: optimizer.params prefixes its own
         if self.clip_grad_value is not None:
             self.clip_grad_value = _number("clip_grad_value", self.clip_grad_value, positive=True)
-        if self.clip_mode not in (None, "global", "buffered", "per_param"):
-            raise ConfigError(f"clip_mode={self.clip_mode!r}: use \"global\" (exact, two backward passes), "
-                              "\"buffered\" (exact, one pass, a gradient buffer) or \"per_param\" (one pass)")
+        if self.clip_mode not in (None, "auto", "global", "buffered", "per_param"):
+            raise ConfigError(f"clip_mode={self.clip_mode!r}: use \"auto\" (buffered where it fits, else global), "
+                              "\"global\" (exact, two backward passes), \"buffered\" (exact, one pass, a gradient "
+                              "buffer) or \"per_param\" (one pass)")
         if self.accumulation_dtype not in (None, "fp32", "bf16", "fp16"):
             raise ConfigError(f"accumulation_dtype={self.accumulation_dtype!r}: use \"fp32\", \"bf16\" or \"fp16\"")
         if self.check_memory is not None and not isinstance(self.check_memory, bool):
@@ -210,7 +217,7 @@ class LOMOArguments:
 
 
 # what each LOMOArguments field is when no source states it
-DEFAULTS = {"clip_grad_value": None, "clip_mode": "global", "stochastic_rounding": False, "max_consecutive_skips": 5,
+DEFAULTS = {"clip_grad_value": None, "clip_mode": "auto", "stochastic_rounding": False, "max_consecutive_skips": 5,
             "optimizer": "lomo", "clip_threshold": 1.0, "decay_rate": -0.8, "eps1": 1e-30, "eps2": 1e-3,
             "accumulation_dtype": None, "check_memory": False, "lora": None}
 
@@ -224,7 +231,7 @@ class LOMOSettings:
     weight_decay: float = 0.0
     clip_grad_norm: float | None = None
     clip_grad_value: float | None = None
-    clip_mode: str = "global"
+    clip_mode: str = "global"  # validate may leave "auto": LOMOTrainer resolves it at start-up (clip_choice.py)
     stochastic_rounding: bool = False
     seed: int = 0
     fp16: dict | None = None      # DeepSpeed-style fp16 block when fp16 is on
@@ -235,6 +242,7 @@ class LOMOSettings:
     adalomo: dict = field(default_factory=dict)  # clip_threshold, decay_rate, eps: AdaLomo's own arguments
     gradient_accumulation_steps: int = 1
     accumulation_dtype: str | None = None  # the gradient buffer's dtype; None: no buffer (fused update in backward)
+    auto_buffer_dtype: str | None = None  # clip_mode "auto": the buffer's dtype should it take the buffered path
     check_memory: bool = False
     lora: dict | None = None  # lora_config.check_block's result: LoraConfig kwargs and the adapters' optimizer
     warnings: list[str] = field(default_factory=list)
@@ -257,7 +265,8 @@ def validate(ds_config: dict | None, args, lomo_args: LOMOArguments | dict | Non
     warnings = _check_engine(ds, args, gas, world_size) if ds_config is not None else []
     fp16, bf16 = _precision(ds, args, deepspeed=ds_config is not None)
     train = _training_values(given, args)
-    lomo = _own_settings(given, gas, "fp16" if fp16 else "bf16" if bf16 else "fp32")
+    lomo = _own_settings(given, gas, "fp16" if fp16 else "bf16" if bf16 else "fp32",
+                         norm_pass=train["clip_grad_norm"] is not None or fp16 is not None)
     return LOMOSettings(**train, **lomo, fp16=fp16, bf16=bf16, scheduler=_scheduler(ds, args, train["lr"]),
                         gradient_accumulation_steps=gas, warnings=warnings)
 
@@ -465,10 +474,15 @@ def _training_values(given: dict, args) -> dict:
     return values
 
 
-def _own_settings(given: dict, gas: int, train_dtype: str) -> dict:
+def _own_settings(given: dict, gas: int, train_dtype: str, norm_pass: bool = True) -> dict:
     """LOMOArguments' fields as LOMOSettings holds them: each stated value, else its default, checked against the
-    optimizer, the gradient buffer (gradient accumulation or clip_mode "buffered") and the training dtype."""
+    optimizer, the gradient buffer (gradient accumulation or clip_mode "buffered") and the training dtype.
+    clip_mode "auto" stays "auto" only where a norm pass (``norm_pass``: global-norm clipping or fp16) could be saved
+    by a buffer that accumulation does not already keep; elsewhere it is "global", which then costs one pass."""
     lomo = {key: given.get(key, (key, default))[1] for key, default in DEFAULTS.items()}
+    auto = lomo["clip_mode"] == "auto" and norm_pass and gas == 1
+    if lomo["clip_mode"] == "auto" and not auto:
+        lomo["clip_mode"] = "global"
     if lomo["optimizer"] != "adalomo":
         for key in ADALOMO_FIELDS:
             if key in given:
@@ -478,15 +492,18 @@ def _own_settings(given: dict, gas: int, train_dtype: str) -> dict:
                                   "(optimizer.type in the DeepSpeed JSON, or --optimizer adalomo) or remove it")
     buffered = gas > 1 or lomo["clip_mode"] == "buffered"
     acc_dtype = lomo["accumulation_dtype"]
-    if acc_dtype is not None and not buffered:
+    if acc_dtype is not None and not buffered and not auto:
         raise ConfigError(f"{given['accumulation_dtype'][0]}={acc_dtype!r} but gradient_accumulation_steps=1 and "
-                          "clip_mode is not \"buffered\": there is no gradient buffer; remove it")
+                          "clip_mode is not \"buffered\" (nor \"auto\" with norm clipping or fp16): there is no "
+                          "gradient buffer; remove it")
     if acc_dtype not in (None, "fp32", train_dtype):
         raise ConfigError(f"{given['accumulation_dtype'][0]}={acc_dtype!r} but the weights train in {train_dtype}: "
                           f"use \"fp32\" or \"{train_dtype}\" (another 16-bit type loses range or precision)")
     if lomo["stochastic_rounding"] and train_dtype != "bf16":
         raise ConfigError(f"{given['stochastic_rounding'][0]} needs bf16 weights: enable bf16 or remove it")
     lomo["accumulation_dtype"] = (acc_dtype or "fp32") if buffered else None
+    # the training dtype is exact at one micro-step: the buffer holds one reduced gradient, in the dtype it came in
+    lomo["auto_buffer_dtype"] = (acc_dtype or train_dtype) if auto else None
     lomo["lora"] = None if lomo["lora"] is None else check_block(lomo["lora"])
     lomo["adalomo"] = dict(clip_threshold=lomo.pop("clip_threshold"), decay_rate=lomo.pop("decay_rate"),
                            eps=(lomo.pop("eps1"), lomo.pop("eps2")))  # AdaLomo's constructor arguments

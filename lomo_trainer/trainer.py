@@ -36,7 +36,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from . import _hf, _zero, checkpoint, lora
+from . import _hf, _zero, checkpoint, clip_choice, lora
 from .checkpoint import LOMO_STATE, PREFIX as CKPT_PREFIX, SCHEDULER, TRAINER_STATE, last_checkpoint  # noqa: F401
 from .config import LOMOArguments, engine_config, refuse_removed_keywords, validate
 from .errors import CheckpointError, ConfigError, Interrupted, SaveFailed, TrainingDiverged
@@ -156,9 +156,11 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         self.lora = self.lomo_settings.lora is not None or lora.is_peft_model(model)
         if self.lora:
             model = lora.prepare_model(model, self.lomo_settings.lora)
-        if self._ds_config is not None:  # what accelerate will pass to deepspeed.initialize
-            _hf.set_deepspeed_config(args, engine_config(self._ds_config, args, args.world_size,
-                                                         model=model if isinstance(model, torch.nn.Module) else None))
+        self._engine_config = None  # what accelerate will pass to deepspeed.initialize (the planner reads it too)
+        if self._ds_config is not None:
+            self._engine_config = engine_config(self._ds_config, args, args.world_size,
+                                                model=model if isinstance(model, torch.nn.Module) else None)
+            _hf.set_deepspeed_config(args, self._engine_config)
         super().__init__(model, args, *pos, **kwargs)
         if self.is_deepspeed_enabled and self._ds_config is None:
             raise ConfigError("DeepSpeed is enabled but LOMOTrainer found no DeepSpeed config: pass "
@@ -169,6 +171,7 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         self._tokens, self._log_time, self._consecutive_skips = None, 0.0, 0
         self._finite_losses = None  # micro-steps with a finite loss since the last log (device count)
         self._stop_signal = None  # SIGTERM or SIGINT once received
+        self._first_seq_len = None  # the first batch's length, for the planner (check_memory, clip_mode "auto")
         self.add_callback(_FusedControl(self))
 
     def _freeze_reference(self) -> None:
@@ -243,7 +246,18 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         return self.lr_scheduler
 
     def make_optimizer(self, target):
-        """LOMO (or AdaLomo) on the ZeRO-3 engine or the plain module, as the settings say."""
+        """LOMO (or AdaLomo) on the ZeRO-3 engine or the plain module, as the settings say; clip_mode "auto" is
+        decided here, from the planner (clip_choice.py), the same on every rank, and logged in one line."""
+        if self.lomo_settings.clip_mode == "auto":
+            s, args = self.lomo_settings, self.args
+            from .bench.planner import plan_clip_mode
+
+            choice = plan_clip_mode(getattr(self.model, "config", None), args.device.type, self._first_seq_len,
+                                    buffer_dtype=s.auto_buffer_dtype, optimizer=s.optimizer, **self._planner_inputs())
+            choice = clip_choice.agree(choice, args.device)
+            if self.is_world_process_zero():
+                logger.info(choice.line())
+            self.lomo_settings = clip_choice.resolve(s, choice)
         return build_optimizer(self.lomo_settings, target, **self._adapter_kwargs())
 
     def _adapter_kwargs(self) -> dict:
@@ -271,8 +285,11 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         if self.args.should_save and os.path.isdir(self.args.output_dir):
             for path in checkpoint.remove_unfinished(self.args.output_dir):
                 logger.warning(f"removed {path}: a save that never finished")
-        if self.lomo_settings.check_memory:
-            self._check_memory(self.get_train_dataloader())
+        s = self.lomo_settings
+        if self.args.device.type == "cuda" and (s.check_memory or s.clip_mode == "auto"):
+            self._first_seq_len = _first_seq_len(self.get_train_dataloader())
+        if s.check_memory:
+            self._check_memory()
         self._tokens, self._log_time, self._finite_losses, self._stop_signal = None, time.time(), None, None
         previous = {sig: _install_signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -414,27 +431,32 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
                            + (f"saved {saved}" if saved else "nothing new to save")
                            + (f"; resume with --resume_from_checkpoint {last}" if last else ""))
 
-    def _check_memory(self, train_dl) -> None:
+    def _planner_inputs(self) -> dict:
+        """This run as the planner sees it (GPU memory: 0 off a GPU); the model and sequence length apart."""
+        s, args = self.lomo_settings, self.args
+        cuda = args.device.type == "cuda"
+        return dict(gpus=_world() if self.is_deepspeed_enabled else 1,  # without ZeRO-3 every rank holds it all
+                    gpu_mem_bytes=torch.cuda.get_device_properties(args.device).total_memory if cuda else 0,
+                    batch=args.per_device_train_batch_size, dtype="fp16" if s.fp16 else "bf16" if s.bf16 else "fp32",
+                    activation_checkpointing=bool(getattr(args, "activation_checkpointing", None)
+                                                  or getattr(args, "gradient_checkpointing", False)),
+                    ds_config=self._engine_config)  # "auto" gathering limits filled as DeepSpeed gets them
+
+    def _check_memory(self) -> None:
         """check_memory (asked for, never by default): refuse, before the engine is built, a setting the planner
-        predicts does not fit this GPU. The sequence length is the first batch's; any config the planner can
-        instantiate on the meta device."""
+        predicts does not fit this GPU. The sequence length is the first batch's. clip_mode "auto" is checked as
+        two passes: it takes the buffer only within a stricter margin."""
         from .bench.planner import check_fits
 
         s, args = self.lomo_settings, self.args
-        if args.device.type != "cuda":
-            logger.warning("check_memory: not on a GPU, nothing checked")
+        if args.device.type != "cuda" or self._first_seq_len is None:
+            why = "not on a GPU" if args.device.type != "cuda" else "no input_ids in the first batch"
+            logger.warning(f"check_memory: {why}, nothing checked")
             return
         mode = "lomo_accum" if s.accumulation_dtype else s.optimizer
         try:
-            line = check_fits(self.model.config, mode=mode, gpus=_world(),
-                              gpu_mem_bytes=torch.cuda.get_device_properties(args.device).total_memory,
-                              seq_len=next(iter(train_dl))["input_ids"].shape[-1],
-                              batch=args.per_device_train_batch_size,
-                              dtype="fp16" if s.fp16 else "bf16" if s.bf16 else "fp32",
-                              accum_dtype=s.accumulation_dtype or "fp32",
-                              activation_checkpointing=bool(getattr(args, "activation_checkpointing", None)
-                                                            or getattr(args, "gradient_checkpointing", False)),
-                              ds_config=self._ds_config)
+            line = check_fits(self.model.config, mode=mode, seq_len=self._first_seq_len,
+                              accum_dtype=s.accumulation_dtype or "fp32", **self._planner_inputs())
         except ValueError as e:
             if str(e).startswith("check_memory"):
                 raise ConfigError(str(e)) from None
@@ -712,6 +734,18 @@ class _FusedControl(TrainerCallback):
 
 class _StopInEvaluation(Exception):
     """Raised between evaluation batches on every rank once one of them got SIGTERM or Ctrl-C."""
+
+
+def _first_seq_len(train_dl) -> int | None:
+    """The first batch's sequence length, drawn without moving any RNG: training then draws the same batches. None
+    when it has no ``input_ids`` (the planner then plans nothing)."""
+    state = checkpoint.rng_states()
+    try:
+        return next(iter(train_dl))["input_ids"].shape[-1]
+    except (KeyError, TypeError, IndexError, AttributeError, StopIteration):
+        return None
+    finally:
+        checkpoint.set_rng_states(state)
 
 
 def _install_signal(signum, handler):

@@ -8,8 +8,9 @@
 # Memory: LOMO keeps no optimizer state and no gradient buffer, so a GPU holds its 1/8 share of the fp16
 #           weights + activations + the largest single gradient. The planner prints the arithmetic:
 #             python -m lomo_trainer.planner --model 65b --gpus 8 --gpu-mem-gb 24 --activation-checkpointing
-# Time: global-norm clipping runs forward+backward twice per step; set max_grad_norm 0 (or clip_mode
-#           "per_param" in the DeepSpeed JSON) for one pass.
+# Time: global-norm clipping (and fp16) needs the norm before the update: clip_mode "auto" (the shipped JSONs)
+#           takes one pass through a gradient buffer where the planner says it fits (7B-30B here), else runs
+#           forward+backward twice per step (65B); the log says which. max_grad_norm 0 with bf16 also gives one pass.
 #
 # Usage:   bash scripts/launch_8gpu.sh 7b [--key value ...]      # 7b | 13b | 30b | 65b
 # Data:    data/train.jsonl and data/validation.jsonl with "prompt"/"completion" fields (or override

@@ -90,7 +90,7 @@ def write(tmp_path, name, content):
     (("--fp16", "maybe"), {}, r"--fp16: Truthy value expected: got maybe"),
     (("--learning_rat", "-1"), {}, r"unknown command-line argument\(s\) \['--learning_rat', '-1'\]"),
     (("--learning_rate",), {}, r"--learning_rate.*expected one argument"),
-    (("--clip_mode", "local"), {}, r"error: clip_mode='local': use \"global\" .* or \"per_param\""),
+    (("--clip_mode", "local"), {}, r"error: clip_mode='local': use \"auto\" .* \"global\" .* or \"per_param\""),
     (("--clip_grad_value", "-1"), {}, r"error: clip_grad_value must be > 0, got -1"),
     ((), {"clip_mode": 3}, r"run.json: clip_mode=3 must be a string or null$"),
     ((), {"lomo_config": '{"clip_mode": "per_param"}'}, r"lomo_config is no longer read: write its keys"),

@@ -82,8 +82,11 @@ BAD = [
      "gradient_accumulation_steps=4 in the DeepSpeed config but TrainingArguments.gradient_accumulation_steps=2"),
     ({**ZERO3, "optimizer": {"type": "LOMO", "params": {"accumulation_dtype": "fp16"}}},
      {"gradient_accumulation_steps": 2, "bf16": True}, r"accumulation_dtype='fp16' but the weights train in bf16"),
-    ({**ZERO3, "optimizer": {"type": "LOMO", "params": {"accumulation_dtype": "fp32"}}}, {},
+    ({**ZERO3, "optimizer": {"type": "LOMO", "params": {"accumulation_dtype": "fp32", "clip_mode": "global"}}}, {},
      r"accumulation_dtype='fp32' but gradient_accumulation_steps=1 and clip_mode is not \"buffered\""),
+    # "auto" keeps a buffer possible only where a norm pass exists to save: not without norm clipping and fp16
+    ({**ZERO3, "optimizer": {"type": "LOMO", "params": {"accumulation_dtype": "fp32"}}}, {"max_grad_norm": 0.0},
+     r"accumulation_dtype='fp32' but .*nor \"auto\" with norm clipping or fp16\): there is no gradient buffer"),
     ({**ZERO3, "optimizer": {"type": "LOMO", "params": {"accumulation_dtype": "int8"}}}, {},
      "optimizer.params.accumulation_dtype='int8'"),
     ({**ZERO3, "zero_optimization": {"stage": 2}}, {}, "zero_optimization.stage=2"),
@@ -370,7 +373,7 @@ def test_lomo_arguments_one_schema_for_every_source():
                                                                                                      True, 3), sources
     defaults = validate(ZERO3, targs())
     assert (defaults.clip_grad_value, defaults.clip_mode, defaults.stochastic_rounding,
-            defaults.max_consecutive_skips) == (None, "global", False, 5)
+            defaults.max_consecutive_skips) == (None, "auto", False, 5)
     with pytest.raises(ConfigError, match=r"^max_consecutive_skips must be an integer >= 1, got 0$"):
         LOMOArguments(max_consecutive_skips=0)
 

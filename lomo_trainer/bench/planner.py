@@ -53,6 +53,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, field
 
+from ..clip_choice import Choice, Figures, choose
 from ..errors import ConfigError
 from ..gathering import fill_auto
 from . import activations as act
@@ -286,6 +287,40 @@ def check_fits(model_config, *, mode: str, gpus: int, gpu_mem_bytes: int, seq_le
     return line
 
 
+def clip_figures(inv: Inventory, setup: Setup, optimizer: str = "lomo") -> Figures:
+    """clip_mode "auto"'s figures: the planned peak of two-pass and of buffered global clipping, and the buffer
+    (``setup.accum_dtype``). AdaLomo: its factored state is added to the buffered peak (``lomo_accum`` is LOMO's)."""
+    two_pass = breakdown(inv, setup, "adalomo" if optimizer == "adalomo" else "lomo")
+    buffered = breakdown(inv, setup, "lomo_accum")
+    extra = int(two_pass["optimizer_states"] * (1 + ALLOCATOR_RESERVE))  # AdaLomo's state; 0 for LOMO
+    return Figures(gpu_mem_bytes=int(setup.gpu_mem_gb * 2**30), gpus=setup.gpus, n_params=inv.n_params,
+                   buffer_dtype=setup.accum_dtype, buffer_bytes=buffered["gradient_buffers"],
+                   two_pass_peak=two_pass["total_with_overhead"], buffered_peak=buffered["total_with_overhead"] + extra)
+
+
+def plan_clip_mode(model_config, device_type: str, seq_len: int | None, *, gpus: int, gpu_mem_bytes: int, batch: int,
+                   dtype: str, buffer_dtype: str, optimizer: str = "lomo", activation_checkpointing: bool = False,
+                   ds_config: dict | None = None) -> Choice:
+    """LOMOTrainer's start-up decision for clip_mode "auto" (clip_choice.choose on this run's figures). Off a GPU,
+    without the first batch's length (None), or for a config the planner cannot read: two passes, said why."""
+    if device_type != "cuda":
+        return choose(None, device_type)
+    if seq_len is None:
+        return choose(None, problem="the first batch's length is unknown: train() reads it")
+    try:
+        from .inventory import build_inventory
+
+        zero = (ds_config or {}).get("zero_optimization") or {}
+        setup = Setup(gpus=gpus, gpu_mem_gb=gpu_mem_bytes / 2**30, seq_len=seq_len, batch=batch, dtype=dtype,
+                      accum_dtype=buffer_dtype, activation_checkpointing=activation_checkpointing,
+                      offload_param=(zero.get("offload_param") or {}).get("device", "none") == "cpu",
+                      zero=ZeroKnobs.from_ds_config({k: v for k, v in zero.items() if v != "auto"}))
+        figures = clip_figures(build_inventory(model_config), setup, optimizer)
+    except Exception as e:  # noqa: BLE001 (any model the planner cannot read: two passes, said in the line)
+        return choose(None, problem=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return choose(figures)
+
+
 def plan(inv: Inventory, setup: Setup, modes=OPTIMIZERS) -> dict:
     model = {k: v for k, v in inv.to_dict().items() if k != "params"}
     model["largest"] = {"name": inv.largest.name, "shape": list(inv.largest.shape)}
@@ -375,6 +410,8 @@ def main(argv=None) -> None:
                     "\"auto\" and missing keys: DeepSpeed's defaults)")
     ap.add_argument("--modes", default=",".join(OPTIMIZERS), help="comma-separated subset of " + ",".join(MODES))
     ap.add_argument("--json", action="store_true", help="print the breakdown as JSON instead")
+    ap.add_argument("--clip-auto", action="store_true", help="print what clip_mode \"auto\" chooses for this run "
+                    "(the buffer in --accum-dtype; clip_choice.py) and the planned peak of each path, in one line")
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     try:
@@ -387,7 +424,10 @@ def main(argv=None) -> None:
                       zero=zero_knobs(args.ds_config, inv, args.gpus, args.dtype, args.gpu_mem_gb))
     except (ValueError, OSError) as e:
         ap.error(str(e))
-    if args.json:
+    if args.clip_auto:
+        print(choose(clip_figures(inv, setup, "adalomo" if "adalomo" in modes and "lomo" not in modes else "lomo"))
+              .line())
+    elif args.json:
         print(json.dumps(plan(inv, setup, modes), indent=1))
     else:
         print(format_plan(inv, setup, modes))

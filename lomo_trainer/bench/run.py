@@ -16,6 +16,7 @@ import os
 import shlex
 import statistics
 import sys
+from dataclasses import replace
 
 from . import report as bench_report
 from ..gathering import KEYS as GATHERING_KEYS
@@ -29,7 +30,12 @@ from .worker import MODES
 RATIOS = (("lomo", "fwd_bwd_comm", "the update's own cost (target <= 1.05)"),
           ("lomo", "sgd", "LOMO against ZeRO-3 SGD (target <= 1)"),
           ("fwd_bwd_comm", "fwd_bwd", "what gradient communication costs"),
-          ("lomo", "fwd_bwd", "LOMO over the floor"))
+          ("lomo", "fwd_bwd", "LOMO over the floor"),
+          ("lomo_clip", "fwd_bwd_comm", "global-norm clipping in two passes over one pass without an update "
+           "(expected near 2)"),
+          ("lomo_clip_buffered", "fwd_bwd_comm", "global-norm clipping in one pass through the buffer (expected "
+           "within ~1.1)"),
+          ("lomo_clip", "lomo_clip_buffered", "what the buffer saves: two-pass over one-pass clipping"))
 from ..local_ranks import run_ranks
 
 
@@ -79,7 +85,9 @@ def predict(cfg: dict) -> dict:
                   batch=cfg["batch"], dtype=cfg["dtype"], activation_checkpointing=cfg["activation_checkpointing"],
                   offload_param=cfg["offload_param"], device=cfg["device"], fused_adamw=cfg["device"] == "cuda",
                   zero=ZeroKnobs.from_ds_config(cfg.get("zero") or {}))
-    return {m: breakdown(inv, setup, MODES[m].plan or m) for m in MODES}
+    in_train_dtype = replace(setup, accum_dtype=cfg["dtype"])  # a buffer in the training dtype (lomo_clip_buffered)
+    return {m: breakdown(inv, in_train_dtype if MODES[m].plan_accum_dtype == "train" else setup, MODES[m].plan or m)
+            for m in MODES}
 
 
 def resolve_zero(overrides: dict, inv: Inventory, world: int, dtype: str, mem_bytes: int | None) -> dict:

@@ -28,18 +28,23 @@ class Mode:
     records_grads: bool = False
     overlapped: bool = False
     plan: str | None = None  # the planner's mode for its prediction (None: the same name)
+    plan_accum_dtype: str | None = None  # the planner's buffer dtype for it: "train" (the training dtype), else fp32
 
 
 def _loss(engine, x):  # forward through the bare module: the engine refuses a direct backward (_zero.py)
     return engine.module(input_ids=x, labels=x).loss
 
 
-def _fused(kind: str, overlap: bool, accumulate: bool = False):
+def _fused(kind: str, overlap: bool, accumulate: bool = False, clip: float | None = None,
+           train_dtype_buffer: bool = False):
+    """A fused mode; ``clip``: global-norm clipping at this threshold (two passes, or one with ``accumulate``);
+    ``train_dtype_buffer``: the buffer in the weights' dtype (what clip_mode "auto" keeps), else fp32."""
     def make(engine, cfg, device):
         from ..optim import LOMO, AdaLomo
 
-        opt = {"lomo": LOMO, "adalomo": AdaLomo}[kind](engine, lr=cfg["lr"], clip_grad_norm=None, overlap_comm=overlap,
-                                                       accumulate=accumulate)
+        extra = {"buffer_dtype": next(engine.module.parameters()).dtype} if train_dtype_buffer else {}
+        opt = {"lomo": LOMO, "adalomo": AdaLomo}[kind](engine, lr=cfg["lr"], clip_grad_norm=clip, overlap_comm=overlap,
+                                                       accumulate=accumulate, **extra)
 
         def step(x):
             return opt.step(lambda: _loss(engine, x))
@@ -115,6 +120,14 @@ MODES: dict[str, Mode] = {
     "lomo_accum": Mode("LOMO with a gradient buffer (accumulate=True, fp32): each step one micro-step added to the "
                        "buffer, then the update from it: what accumulation (or buffered clipping) costs",
                        _fused("lomo", True, accumulate=True), records_grads=True, overlapped=True),
+    "lomo_clip": Mode("LOMO with global-norm clipping at 1.0 in two passes (the paper's recipe, clip_mode "
+                      "\"global\"): a norm pass (forward + backward), then the update pass", _fused("lomo", True, clip=1.0),
+                      records_grads=True, overlapped=True, plan="lomo"),
+    "lomo_clip_buffered": Mode("the same clipping in one pass (clip_mode \"buffered\", what \"auto\" takes where it "
+                               "fits): each reduced shard into a buffer in the training dtype, the norm from the "
+                               "buffer, then the update from it", _fused("lomo", True, True, clip=1.0,
+                                                                         train_dtype_buffer=True),
+                               records_grads=True, overlapped=True, plan="lomo_accum", plan_accum_dtype="train"),
     "adalomo": Mode("AdaLomo on the same fused path (overlapped): factored second moment, two small all-reduces "
                     "per parameter", _fused("adalomo", True), records_grads=True, overlapped=True),
     "adamw": Mode("DeepSpeed's ZeRO-3 optimizer around torch.optim.AdamW: what the stock HF Trainer builds",

@@ -12,10 +12,12 @@ BUFFER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 def optimizer_kwargs(settings) -> dict:
     """The constructor keywords of the settings' optimizer: LOMO's, plus AdaLomo's own with AdaLomo."""
     buffered = settings.accumulation_dtype is not None
-    # "buffered" is global clipping from the gradient buffer: to the engine, global clipping with accumulate=True
+    # "buffered" is global clipping from the gradient buffer: to the engine, global clipping with accumulate=True.
+    # An "auto" nobody resolved (clip_choice.resolve: LOMOTrainer does) takes the path that needs no memory: two passes.
     kwargs = dict(lr=settings.lr, weight_decay=settings.weight_decay, clip_grad_norm=settings.clip_grad_norm,
                   clip_grad_value=settings.clip_grad_value,
-                  clip_mode="global" if settings.clip_mode == "buffered" else settings.clip_mode, fp16=settings.fp16,
+                  clip_mode="global" if settings.clip_mode in ("buffered", "auto") else settings.clip_mode,
+                  fp16=settings.fp16,
                   stochastic_rounding=settings.stochastic_rounding, seed=settings.seed, accumulate=buffered)
     if buffered:
         kwargs["buffer_dtype"] = BUFFER_DTYPES[settings.accumulation_dtype]
