@@ -26,7 +26,6 @@ plain process with DeepSpeed runs as a world of one.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -34,16 +33,17 @@ import time
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import ExportableState
 
 from . import _hf, _zero, checkpoint, clip_choice, lora
-from .checkpoint import LOMO_STATE, PREFIX as CKPT_PREFIX, SCHEDULER, TRAINER_STATE, last_checkpoint  # noqa: F401
+from .checkpoint import PREFIX as CKPT_PREFIX, last_checkpoint
 from .config import LOMOArguments, engine_config, refuse_removed_keywords, validate
-from .errors import CheckpointError, ConfigError, Interrupted, SaveFailed, TrainingDiverged
+from .errors import ConfigError, Interrupted, TrainingDiverged
 from .local_ranks import single_process_env
 from .optim import all_finite
 from .optim.factory import build_optimizer
+from .ranks import raise_agreed, world
 from .schedulers import deepspeed_scheduler
+from .trainer_checkpoints import CheckpointMethods, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -51,48 +51,6 @@ try:  # on a CPU-only machine DeepSpeed would compile an inference-only op at st
     _zero.disable_cpu_shm_build()
 except ImportError:
     pass
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-_AGREED_ERRORS = {cls.__name__: cls for cls in (CheckpointError, ConfigError, SaveFailed, TrainingDiverged)}
-
-
-def _raise_agreed(error: BaseException | None) -> None:
-    """Collective, and a barrier: every rank calls it at the same point with the error it met there, or None. If any
-    rank met one, every rank raises the first such rank's error (its class and its one line), so no rank is left
-    waiting in a collective while another exits."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        if error is not None:
-            raise error
-        return
-    mine = None if error is None else (type(error).__name__, str(error))
-    found = [None] * dist.get_world_size()
-    dist.all_gather_object(found, mine)
-    first = next((f for f in found if f is not None), None)
-    if first is None:
-        return
-    if error is not None and mine == first:
-        raise error
-    raise _AGREED_ERRORS.get(first[0], RuntimeError)(first[1])
-
-
-def _write_error(e: Exception, what: str) -> SaveFailed:
-    """A failed write (a full disk: OSError, or torch's and safetensors' own wrappers of it) as one line."""
-    reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    where = getattr(e, "filename", None)
-    return SaveFailed(f"writing {what} failed: {reason}" + (f" ({where})" if where else ""))
 
 
 class FusedStep:
@@ -126,7 +84,7 @@ class FusedStep:
         return getattr(self.lomo, name)
 
 
-class LOMOTrainer(_hf.StockLoopHooks, Trainer):
+class LOMOTrainer(_hf.StockLoopHooks, CheckpointMethods, Trainer):
     """An HF Trainer whose optimizer is LOMO. ``lomo_args`` (LOMOArguments, or a dict of its fields) gives LOMO's
     own settings. ``lomo_optimizer`` is LOMO itself, ``optimizer`` its ``FusedStep``."""
 
@@ -279,7 +237,7 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
                 checkpoint.lock_output_dir(self.args.output_dir)
             except ConfigError as e:
                 error = e
-        _raise_agreed(error)
+        raise_agreed(error)
         # resume=True: the newest *whole* checkpoint (the stock Trainer takes the newest folder)
         resume_from_checkpoint = checkpoint.resolve(resume_from_checkpoint, self.args.output_dir)
         if self.args.should_save and os.path.isdir(self.args.output_dir):
@@ -348,7 +306,7 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
     def _no_target(self, num_items_in_batch) -> bool:
         """Whether the step's batches hold no target token on any rank: known only where the count is the global
         one (the stock loop sums it over the ranks with average_tokens_across_devices, or there is one rank)."""
-        if num_items_in_batch is None or not (self.args.average_tokens_across_devices or _world() == 1):
+        if num_items_in_batch is None or not (self.args.average_tokens_across_devices or world() == 1):
             return False
         return float(num_items_in_batch.sum() if torch.is_tensor(num_items_in_batch) else num_items_in_batch) == 0
 
@@ -435,7 +393,7 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
         """This run as the planner sees it (GPU memory: 0 off a GPU); the model and sequence length apart."""
         s, args = self.lomo_settings, self.args
         cuda = args.device.type == "cuda"
-        return dict(gpus=_world() if self.is_deepspeed_enabled else 1,  # without ZeRO-3 every rank holds it all
+        return dict(gpus=world() if self.is_deepspeed_enabled else 1,  # without ZeRO-3 every rank holds it all
                     gpu_mem_bytes=torch.cuda.get_device_properties(args.device).total_memory if cuda else 0,
                     batch=args.per_device_train_batch_size, dtype="fp16" if s.fp16 else "bf16" if s.bf16 else "fp32",
                     activation_checkpointing=bool(getattr(args, "activation_checkpointing", None)
@@ -526,8 +484,8 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
                     self.processing_class.save_pretrained(output_dir)
                 torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
             except Exception as e:  # noqa: BLE001 - a failed write, whatever library wrapped it
-                error = _write_error(e, f"the model to {output_dir}")
-        _raise_agreed(error)  # every rank stops with the same line
+                error = write_error(e, f"the model to {output_dir}")
+        raise_agreed(error)  # every rank stops with the same line
 
     def _check_loaded_weights(self) -> None:
         """Before the first step: NaN or inf in the weights as loaded would only surface later as a "diverged" run.
@@ -554,129 +512,6 @@ class LOMOTrainer(_hf.StockLoopHooks, Trainer):
             raise TrainingDiverged(f"the model has non-finite weights at step {self.state.global_step}: not saving "
                                    f"it to {where}; lower learning_rate or clip (max_grad_norm) and resume from an "
                                    "earlier checkpoint")
-
-    def save_lomo_checkpoint(self) -> None:
-        """``checkpoint-N``, as the stock ``_save_checkpoint`` does it but LOMO's: the model folder, each rank's LOMO
-        state and RNG, the scheduler and TrainerState; written as ``.tmp``, with a manifest last, then renamed."""
-        args = self.args
-        self.store_flos()
-        final = os.path.join(args.output_dir, f"{CKPT_PREFIX}{self.state.global_step}")
-        previous = last_checkpoint(args.output_dir)
-        try:
-            self._write_checkpoint(final)
-        except SaveFailed as e:  # every rank (agreed): nothing unfinished stays, the earlier checkpoints do
-            if args.should_save:
-                checkpoint.abandon_save(final + ".tmp")
-            raise SaveFailed(f"{e}; removed the unfinished {os.path.basename(final)}.tmp, "
-                             + (f"{previous} is kept" if previous else "no earlier checkpoint exists")
-                             + ": free space, then resume") from None
-
-    def _write_checkpoint(self, final: str) -> None:
-        args, error, tmp = self.args, None, final + ".tmp"
-        try:
-            tmp = checkpoint.begin_save(final, args.should_save)
-        except OSError as e:
-            error = _write_error(e, tmp)
-        _raise_agreed(error)
-        self.save_model(tmp, _internal_call=True)
-        try:
-            checkpoint.save_rank_state(tmp, _rank(), self.lomo_optimizer.state_dict())
-        except Exception as e:  # noqa: BLE001
-            error = _write_error(e, f"this rank's state to {tmp}")
-        best = os.path.join(args.output_dir, f"{CKPT_PREFIX}{self.state.best_global_step}")
-        if args.metric_for_best_model and self.state.best_global_step and \
-                (self.state.best_global_step == self.state.global_step or os.path.isdir(best)):
-            self.state.best_model_checkpoint = best  # as the stock Trainer records it, before the state is saved
-        if args.should_save and error is None:
-            for cb in self.callback_handler.callbacks + [self.control]:  # as stock: early stopping's patience etc.
-                if isinstance(cb, ExportableState):
-                    name, saved = type(cb).__name__, self.state.stateful_callbacks
-                    if isinstance(saved.get(name), list):
-                        saved[name].append(cb.state())
-                    else:
-                        saved[name] = cb.state()
-            try:
-                torch.save(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER))
-                self.state.save_to_json(os.path.join(tmp, TRAINER_STATE))
-            except Exception as e:  # noqa: BLE001
-                error = _write_error(e, tmp)
-        _raise_agreed(error)
-        if args.should_save:
-            try:
-                checkpoint.finish_save(tmp, final, world_size=_world(), global_batch=self._global_batch(),
-                                       learning_rate=self.lomo_settings.lr, lr_scheduler_type=self._schedule_name())
-                checkpoint.rotate(args.output_dir, args.save_total_limit, self.state.best_model_checkpoint)
-            except Exception as e:  # noqa: BLE001
-                error = _write_error(e, final)
-        _raise_agreed(error)
-
-    def _schedule_name(self) -> str:
-        s = self.lomo_settings.scheduler
-        return s["type"] if s else getattr(self.args.lr_scheduler_type, "value", str(self.args.lr_scheduler_type))
-
-    def _global_batch(self) -> int:
-        return self.args.per_device_train_batch_size * _world() * self.lomo_settings.gradient_accumulation_steps
-
-    # ------------------------------------------------------------------ loading
-    def load_lomo_checkpoint(self, folder: str) -> None:
-        """Weights, scheduler and LOMO state from ``folder`` (a LOMOTrainer checkpoint), or weights and schedule
-        from a stock Trainer checkpoint; the stock loop has read its TrainerState. Nothing is unpickled. A file
-        that one rank cannot load stops every rank with the same line."""
-        error = None
-        try:
-            self._load_checkpoint_files(folder)
-        except (ConfigError, OSError) as e:
-            error = e if isinstance(e, ConfigError) else CheckpointError(f"{folder}: {e}")
-        _raise_agreed(error)
-        _zero.refresh_partitions(self.deepspeed)
-
-    def _load_checkpoint_files(self, folder: str) -> None:
-        """This rank's part of ``load_lomo_checkpoint``: file reads only, no collective."""
-        checkpoint.load_weights(self.model, folder, self.lora)
-        if checkpoint.kind(folder) == "hf":  # its AdamW state means nothing to SGD
-            checkpoint.load_stock_scheduler(folder, self.lr_scheduler, len(self.lomo_optimizer.param_groups),
-                                            self.state.global_step)
-            logger.warning(f"{folder} is a stock Trainer checkpoint: resuming its weights, step "
-                           f"{self.state.global_step} and lr schedule; its optimizer state and RNG are not used by LOMO")
-            return
-        info = checkpoint.run_info(folder)
-        if info and (info.get("world_size"), info.get("global_batch")) != (_world(), self._global_batch()):
-            seen = self.state.global_step * info["global_batch"]
-            logger.warning(f"{folder} was written by {info['world_size']} processes with a global batch of "
-                           f"{info['global_batch']}; this run has {_world()} and {self._global_batch()}. The data "
-                           f"position is counted in steps: resuming at step {self.state.global_step} starts at sample "
-                           f"{self.state.global_step * self._global_batch()} of the epoch order, not {seen}.")
-        self.lomo_optimizer.load_state_dict(checkpoint.load_rank_state(folder, _rank())["optimizer"])
-        self.lr_scheduler.load_state_dict(checkpoint.load_state(os.path.join(folder, SCHEDULER)))
-        self._warn_changed_schedule(folder, info)
-
-    def _warn_changed_schedule(self, folder: str, info: dict) -> None:
-        """Resuming restores the checkpoint's scheduler state, and with it the learning rate it was trained with
-        (as the stock Trainer does, silently): a different learning_rate or schedule given now is named."""
-        if _rank() != 0:
-            return
-        theirs, ours = info.get("learning_rate"), self.lomo_settings.lr
-        if theirs is not None and not math.isclose(theirs, ours, rel_tol=1e-9, abs_tol=0.0):
-            logger.warning(f"{folder} was trained with learning_rate {theirs}; this run gives {ours}. Resuming keeps "
-                           f"the checkpoint's schedule state, so the lr still follows learning_rate {theirs} and {ours} "
-                           f"is not used; to train at {ours}, start a new run from the checkpoint's weights "
-                           f"(model_name_or_path={folder}) instead of resuming")
-        schedule = info.get("lr_scheduler_type")
-        if schedule is not None and schedule != self._schedule_name():
-            logger.warning(f"{folder} was trained with the {schedule} schedule; this run gives {self._schedule_name()}: "
-                           f"resuming continues at step {self.state.global_step} on this run's {self._schedule_name()} "
-                           f"curve, from the checkpoint's learning_rate {theirs if theirs is not None else ''}".rstrip())
-
-    def load_rng_state(self, folder: str | None) -> None:
-        """This rank's RNG states, where the stock loop restores them (the stock files are pickled: not read)."""
-        if folder is not None and checkpoint.kind(folder) != "hf":
-            checkpoint.set_rng_states(checkpoint.load_rank_state(folder, _rank())["rng"])
-
-    def load_best_weights(self) -> None:
-        best = self.state.best_model_checkpoint
-        logger.info(f"loading the best model from {best} ({self.args.metric_for_best_model} = {self.state.best_metric})")
-        checkpoint.load_weights(self.model, best, self.lora)
-        _zero.refresh_partitions(self.deepspeed)
 
 
 _WRAPPED: dict[type, type] = {}

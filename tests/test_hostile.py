@@ -175,7 +175,7 @@ def test_batches_without_target_tokens_are_skipped_not_divergence(tmp_path, capl
     trainer = LOMOTrainer(model=tiny_llama(), args=args, train_dataset=masked_dataset([2, 3, 4, 5]),
                           lomo_args=LOMOArguments(max_consecutive_skips=1))
     trainer.get_train_dataloader = lambda: _sequential(trainer)
-    with caplog.at_level(logging.WARNING, logger="lomo_trainer.trainer"):
+    with caplog.at_level(logging.WARNING, logger="lomo_trainer"):
         trainer.train()  # used to stop at step 2: "training diverged ... lower learning_rate"
     assert trainer.state.global_step == 6 and trainer.lomo_optimizer.skipped_steps == 0
     assert sum("no target token" in r.getMessage() for r in caplog.records) == 2
@@ -196,7 +196,7 @@ def test_resume_with_another_learning_rate_warns_naming_both(tmp_path, caplog):
     out = str(tmp_path)
     make_trainer(_args(out, None, max_steps=2, save_strategy="steps", save_steps=2)).train()
     trainer = make_trainer(_args(out, None, max_steps=4, learning_rate=0.1, lr_scheduler_type="cosine"))
-    with caplog.at_level(logging.WARNING, logger="lomo_trainer.trainer"):
+    with caplog.at_level(logging.WARNING, logger="lomo_trainer"):
         trainer.train(resume_from_checkpoint=True)
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "was trained with learning_rate 0.5; this run gives 0.1" in text and "0.1 is not used" in text, text
