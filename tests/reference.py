@@ -108,6 +108,17 @@ def assert_close(result, ref, init, rtol=2e-5):
         assert err <= rtol * moved + 1e-7, f"{name}: off by {err:.2e} (moved {moved:.2e})"
 
 
+def assert_weights_match(result, ref, init, tol=2e-6):
+    """Every parameter within ``tol`` x (1 + its largest magnitude) of the reference, and each one moved from ``init``
+    by more than 1e-4, so that a wrong update could show."""
+    assert set(result) == set(ref)
+    for name, expected in ref.items():
+        moved = (expected - init[name]).abs().max().item()
+        err = (result[name] - expected).abs().max().item()
+        assert moved > 1e-4, f"{name} hardly moved ({moved:.1e}): the test could not see a wrong update"
+        assert err <= tol * (1 + expected.abs().max().item()), f"{name}: off by {err:.2e} (moved {moved:.2e})"
+
+
 def rank_mean_loss(world: int, batch_of):
     """The loss DDP and LOMO average: the mean over ranks of each rank's loss on ``batch_of(step, rank)``."""
     def loss(model, step):
