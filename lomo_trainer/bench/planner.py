@@ -390,7 +390,9 @@ def zero_knobs(ds_config_path: str | None, inv: Inventory, gpus: int, dtype: str
     return ZeroKnobs.from_ds_config({k: v for k, v in knobs.items() if v != "auto"})
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> tuple[argparse.Namespace, Inventory, Setup, list[str]]:
+    """The command line to (arguments, model inventory, setup, modes); exits with argparse's one-line error. The
+    docs' tables (``doc_tables``) go through here, so a table and the command it quotes cannot differ."""
     from .presets import PRESETS
 
     ap = argparse.ArgumentParser(prog="python -m lomo_trainer.planner", description=__doc__.split("\n")[0])
@@ -424,9 +426,18 @@ def main(argv=None) -> None:
                       zero=zero_knobs(args.ds_config, inv, args.gpus, args.dtype, args.gpu_mem_gb))
     except (ValueError, OSError) as e:
         ap.error(str(e))
+    return args, inv, setup, modes
+
+
+def clip_optimizer(modes: list[str]) -> str:
+    """``--clip-auto`` plans AdaLomo's buffered path when the modes name AdaLomo and not LOMO."""
+    return "adalomo" if "adalomo" in modes and "lomo" not in modes else "lomo"
+
+
+def main(argv=None) -> None:
+    args, inv, setup, modes = parse_args(argv)
     if args.clip_auto:
-        print(choose(clip_figures(inv, setup, "adalomo" if "adalomo" in modes and "lomo" not in modes else "lomo"))
-              .line())
+        print(choose(clip_figures(inv, setup, clip_optimizer(modes))).line())
     elif args.json:
         print(json.dumps(plan(inv, setup, modes), indent=1))
     else:
