@@ -1,5 +1,6 @@
-"""clip_mode "auto": global-norm clipping (or fp16's overflow check) in one pass through a gradient buffer where the
-planner says the buffer fits with a margin, else in two passes.
+"""clip_mode "auto": global-norm clipping in one pass through a gradient buffer where it fits, else in two passes.
+
+The same holds for fp16's overflow check; "fits" is the planner's peak with a margin.
 
 The paper's recipe (fp16, ``max_grad_norm`` 1.0) needs the global gradient norm before any parameter moves. Two
 ways give exactly the same update (both tested against a float64 reference): two passes (a norm pass, then a second

@@ -1,4 +1,6 @@
-"""Run a function on N local ranks: forked for CPU/gloo (each rank inherits the parent's imports, so a rank
+"""Run a function on N local ranks, and set up a plain process as a world of one.
+
+Forked for CPU/gloo (each rank inherits the parent's imports, so a rank
 costs a second instead of the ~10 s import of torch + deepspeed + transformers), spawned for CUDA/NCCL (no
 rank may inherit a CUDA context). The parent never initialises torch.distributed. Used by the benchmark and
 the multi-rank tests."""

@@ -1,5 +1,6 @@
-"""LOMOTrainer's checkpoints: writing ``checkpoint-N`` (LOMO's state, no pickles, crash-safe) and resuming from one,
-as trainer methods the stock loop reaches through ``_hf.StockLoopHooks``; the file layout is checkpoint.py's."""
+"""LOMOTrainer's checkpoint methods: writing ``checkpoint-N`` (no pickles, crash-safe) and resuming from one.
+
+They are trainer methods the stock loop reaches through ``_hf.StockLoopHooks``; the file layout is checkpoint.py's."""
 from __future__ import annotations
 
 import logging

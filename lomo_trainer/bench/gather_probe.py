@@ -1,5 +1,6 @@
-"""How many parameters DeepSpeed ZeRO-3 holds gathered right after forward: the measurement behind the
-planner's gathered working set (``planner.gathered_parameters``), used by scripts/probe_gathered.py and
+"""How many parameters DeepSpeed ZeRO-3 holds gathered right after forward, measured on a live engine.
+
+The measurement behind the planner's gathered working set (``planner.gathered_parameters``), used by scripts/probe_gathered.py and
 tests/test_planner.py."""
 from __future__ import annotations
 

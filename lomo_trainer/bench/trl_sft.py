@@ -1,5 +1,6 @@
-"""Peak memory per rank, side by side in one run: ``LOMOTrainer.wrap(SFTTrainer)`` against the stock ``SFTTrainer``
-with ZeRO-3 AdamW (DeepSpeed's ZeRO-3 optimizer around torch's AdamW, what SFTTrainer does with a ZeRO-3 config), on
+"""Peak memory of ``LOMOTrainer.wrap(SFTTrainer)`` against the stock ``SFTTrainer``, side by side in one run.
+
+Per rank; the stock trainer with ZeRO-3 AdamW (DeepSpeed's ZeRO-3 optimizer around torch's AdamW, what SFTTrainer does with a ZeRO-3 config), on
 the same model, data and SFTConfig (TRL's defaults: bf16, gradient checkpointing, max_grad_norm 1.0).
 
     DS_ACCELERATOR=cpu python -m lomo_trainer.bench.trl_sft --preset small --seq-len 256 --batch 2 --steps 3 \\

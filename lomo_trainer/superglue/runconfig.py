@@ -1,5 +1,6 @@
-"""A SuperGLUE run's settings: the lomo-train run config with its overrides (or, for ``zero-shot --model``, one
-built from the flags), sample sizes, the results header."""
+"""A SuperGLUE run's settings: the run config with its overrides, sample sizes and the results header.
+
+For ``zero-shot --model`` the run config is built from the flags."""
 from __future__ import annotations
 
 from pathlib import Path

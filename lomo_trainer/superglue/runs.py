@@ -1,5 +1,6 @@
-"""One SuperGLUE run: per task, a fresh model trained (LOMO or LoRA, or not at all) and evaluated after every
-epoch under a protocol; the results dict ``report`` renders. Every rank runs this with the same examples."""
+"""One SuperGLUE run: per task, a fresh model trained (LOMO, LoRA or not at all) and evaluated each epoch.
+
+Evaluation is under a protocol; the results dict ``report`` renders. Every rank runs this with the same examples."""
 from __future__ import annotations
 
 from pathlib import Path
