@@ -122,7 +122,7 @@ def _parser_error(message: str):
 
 
 def _resume_value(value):
-    """The README's `--resume_from_checkpoint true` (or JSON true) means the latest checkpoint in output_dir:
+    """`--resume_from_checkpoint true` (or JSON true) means the latest checkpoint in output_dir:
     Trainer.train takes a Python True for that; "false" means none; anything else is a path."""
     if isinstance(value, str) and value.strip().lower() in ("true", "false", ""):
         value = value.strip().lower() == "true"

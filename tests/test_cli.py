@@ -1,4 +1,4 @@
-"""The README's first command, shortened: lomo-train on the shipped default config, 2 ZeRO-3 CPU ranks."""
+"""The default run, shortened: lomo-train on the shipped default config, 2 ZeRO-3 CPU ranks."""
 import pytest
 import json
 import os

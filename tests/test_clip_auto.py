@@ -75,7 +75,7 @@ def test_decide_follows_the_planner_stubbed_to_fit_and_not_to_fit(monkeypatch):
 
 def test_the_real_planner_on_8_x_24_gb():
     """The shipped recipe's setting (fp16, seq 512 x batch 2, activation checkpointing): 7B and 13B take the
-    buffer, 65B keeps two passes (the README's table)."""
+    buffer, 65B keeps two passes (docs/accumulation.md's table)."""
     from lomo_trainer.bench.inventory import to_hf_config
     from lomo_trainer.bench.presets import PRESETS
 

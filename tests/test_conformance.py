@@ -100,7 +100,7 @@ def test_same_weights_as_stock_sgd(tmp_path, world, zero3, clip, gas):
     assert ours["step"] == stock["step"] == 8
     assert ours["total_flos"] == stock["total_flos"] > 0
     for kind, keys in _kinds(stock["history"]).items():
-        if not clip and gas == 1:  # LOMO measures the norm only when it clips or buffers: the README says so
+        if not clip and gas == 1:  # LOMO measures the norm only when it clips or buffers (docs/differences.md)
             keys = keys - {"grad_norm"}
         assert keys <= _kinds(ours["history"])[kind], f"{kind} rows lack {keys - _kinds(ours['history'])[kind]}"
     optimizer_line = next(line for line in ours["card"].splitlines() if line.startswith("- optimizer:"))

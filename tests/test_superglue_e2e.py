@@ -218,16 +218,15 @@ def test_paper_protocol_runs_and_never_shares_a_column(tmp_path):
         main(["finetune", "--config", CONFIG, "--tasks", "cb", "--protocol", "paper"])  # the paper's code has no CB
 
 
-def readme_commands():
-    """The SuperGLUE section's command lines, as the README writes them."""
-    text = open(os.path.join(ROOT, "README.md")).read()
-    section = text[text.index("## SuperGLUE"):text.index("## Compatibility")]
+def doc_commands():
+    """The command lines of docs/superglue.md, as written there."""
+    section = open(os.path.join(ROOT, "docs", "superglue.md")).read()
     return [line.strip().split("  #")[0].strip() for line in section.splitlines()
             if line.strip().startswith("python -m lomo_trainer.superglue")]
 
 
 def run_plain(cmd: str, *extra: str):
-    """A README command line as one plain process: no launcher, no rank variables (DeepSpeed must not fall back
+    """A docs/superglue.md command line as one plain process: no launcher, no rank variables (DeepSpeed must not fall back
     to MPI discovery, mpi4py); "python" is this interpreter."""
     import subprocess
     import sys
@@ -240,7 +239,7 @@ def run_plain(cmd: str, *extra: str):
 
 @pytest.mark.slow
 def test_readme_cpu_command_runs_as_one_plain_process(tmp_path):
-    (cmd,) = [c for c in readme_commands() if "tiny_cpu.json" in c and " finetune " in c]
+    (cmd,) = [c for c in doc_commands() if "tiny_cpu.json" in c and " finetune " in c]
     run_plain(cmd, "--output_dir", str(tmp_path), "--max_steps", "1")
     saved = json.load(open(tmp_path / "results.json"))
     assert set(saved["tasks"]) == {"cb", "copa"} and saved["protocol"] == "standard"
@@ -248,7 +247,7 @@ def test_readme_cpu_command_runs_as_one_plain_process(tmp_path):
 
 @pytest.mark.slow
 def test_readme_zero_shot_model_command_runs_as_one_plain_process(tmp_path):
-    (cmd,) = [c for c in readme_commands() if " zero-shot --model " in c]
+    (cmd,) = [c for c in doc_commands() if " zero-shot --model " in c]
     cmd = cmd.replace("PATH", fixture_model(tmp_path / "model")).replace("[--data-dir DIR]", f"--data-dir {FIXTURES}")
     run_plain(cmd, "--output-dir", str(tmp_path / "out"))
     saved = json.load(open(tmp_path / "out" / "results.json"))
