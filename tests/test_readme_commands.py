@@ -1,6 +1,8 @@
 """Every shell command quoted in README.md runs, in a dry or tiny form, so a renamed flag, file or config breaks the
 build: the default run for 2 steps, the test suite's collection, the planner lines whole, the 8-GPU launches'
-configs through lomo-train's start-up checks, and the accelerate launch's YAML and script arguments."""
+configs through lomo-train's start-up checks, and the accelerate launch's YAML and script arguments. The commands
+quoted in docs/ (benchmarks that take minutes to hours) are checked dry: their flags against the tool's --help, and
+every file they name."""
 import importlib.util
 import os
 import re
@@ -145,3 +147,54 @@ def test_readme_command_runs(runner, command, tmp_path, monkeypatch):
         runner(command, tmp_path, monkeypatch)
     else:
         runner(command, tmp_path)
+
+
+# ---------------------------------------------------------------- the commands quoted in docs/ and configs/ READMEs
+DOCS = [*sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "configs").rglob("README.md"))]
+TOOL = re.compile(r"python -m (lomo_trainer[\w.]*)|python (scripts/\w+\.py)")
+PATH = re.compile(r"^(configs|scripts|examples|tests|lomo_trainer)/[\w./-]+$")
+
+
+def doc_segments() -> list[tuple[str, str, str]]:
+    """(doc, tool, the tool's part of the command) for every python tool invocation the docs quote, shell variables
+    defined in the same doc (``P="..."``) substituted."""
+    out = []
+    for path in DOCS:
+        variables = {}
+        for command in readme_commands(path.read_text()):
+            if m := re.fullmatch(r'(\w+)="(.*)"', command):
+                variables[m.group(1)] = m.group(2)
+                continue
+            for name, value in variables.items():
+                command = re.sub(rf"\${name}\b", value, command)
+            for m in TOOL.finditer(command):
+                segment = re.split(r";|\bdone\b", command[m.end():])[0]
+                out.append((path.name, m.group(1) or m.group(2), segment))
+    return out
+
+
+def help_text(tool: str, segment: str) -> str:
+    words = segment.split()
+    sub = words[0] if tool == "lomo_trainer.superglue" and words and not words[0].startswith("-") else None
+    cmd = [sys.executable, *(["-m", tool] if not tool.endswith(".py") else [tool]), *([sub] if sub else []), "--help"]
+    return run(cmd, timeout=300).stdout
+
+
+def test_docs_commands_name_real_flags_and_files():
+    """Each quoted tool's flags are in its --help, and every file or config a doc command names exists."""
+    helps, missing = {}, []
+    segments = doc_segments()
+    assert {tool for _, tool, _ in segments} >= {"lomo_trainer.planner", "lomo_trainer.bench", "lomo_trainer.superglue"}
+    for doc, tool, segment in segments:
+        key = (tool, segment.split()[0] if tool == "lomo_trainer.superglue" else None)
+        if key not in helps:
+            helps[key] = help_text(tool, segment)
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", segment):
+            if flag not in helps[key]:
+                missing.append(f"{doc}: {tool} {flag}")
+    for path in DOCS + [ROOT / "README.md"]:
+        for command in readme_commands(path.read_text()):
+            for word in re.findall(r"[\w./-]+", command):
+                if PATH.match(word) and not (ROOT / word).exists():
+                    missing.append(f"{path.name}: no file {word}")
+    assert not missing, missing
