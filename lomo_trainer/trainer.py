@@ -12,7 +12,7 @@ The stock training loop (``Trainer.train``) runs; LOMOTrainer fills its overrida
   ``FusedStep``: LOMO seen from the loop, whose ``step()`` has nothing left to do and which reports a skipped step,
   so the schedule waits for a step that updated;
 - ``training_step`` runs LOMO's step (``accumulate`` on a micro-batch that is not a step's last) with the forward as
-  its closure;
+  its closure; a step whose batches hold no target token is LOMO's empty step (decided at its one sync);
 - ``log`` adds LOMO's numbers; a callback stops a diverged run and saves on SIGTERM;
 - checkpoints are LOMO's (checkpoint.py; the stock private methods replaced are in ``_hf.StockLoopHooks``): the
   model folder (loadable by ``from_pretrained``) plus the scheduler, LOMO's state and RNG, nothing pickled, written
@@ -56,11 +56,11 @@ except ImportError:
 class FusedStep:
     """LOMO as the stock loop sees it. The update already ran inside ``training_step``'s backward, so ``step()`` and
     ``zero_grad()`` have nothing left to do; ``step_was_skipped`` tells accelerate, and through it the stock loop,
-    to leave the lr schedule alone after a skipped step (as DeepSpeed does). Everything else is LOMO's."""
+    to leave the lr schedule alone after a skipped step (as DeepSpeed does), an empty one included (no target
+    token: ``LOMO.last_step_empty``). Everything else is LOMO's."""
 
     def __init__(self, lomo):
         self.lomo = lomo
-        self.no_target = False  # this step's batches had no target token on any rank: nothing ran
 
     def step(self, closure=None):
         return None
@@ -70,7 +70,7 @@ class FusedStep:
 
     @property
     def step_was_skipped(self) -> bool:
-        return self.lomo.last_step_skipped or self.no_target
+        return self.lomo.last_step_skipped
 
     def state_dict(self) -> dict:
         return self.lomo.state_dict()
@@ -289,13 +289,18 @@ class LOMOTrainer(_hf.StockLoopHooks, CheckpointMethods, Trainer):
             return loss if scaled else loss / self.current_gradient_accumulation_steps
 
         lomo = self.lomo_optimizer
-        self.optimizer.no_target = self._no_target(num_items_in_batch)
-        if self.optimizer.no_target:  # nothing to learn from, and 0/0 is no divergence: skip it, uncounted
-            if self.accelerator.sync_gradients:
+        # Nothing to learn from, and 0/0 is no divergence: LOMO's empty step, uncounted. A device flag that LOMO reads
+        # at the step's one sync (a host read here would be one more sync per micro-batch); known only after it.
+        empty = self._no_target(num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            loss = lomo.step(closure, empty=empty)
+            if lomo.last_step_empty:
                 logger.warning(f"step {self.state.global_step + 1}: no target token in its batches on any rank "
                                "(every label is -100): skipped; it changes nothing and is not a non-finite step")
-            return torch.full((), float("nan"), device=self.args.device)
-        loss = (lomo.step if self.accelerator.sync_gradients else lomo.accumulate)(closure)
+        else:
+            loss = lomo.accumulate(closure)  # an empty step's buffer is discarded at its step
+        if empty is not None:  # no loss to report for an empty step, whatever the loss makes of 0 items
+            loss = loss.masked_fill(empty.to(loss.device), float("nan"))
         finite = torch.isfinite(loss).to(torch.float32)
         self._finite_losses = finite if self._finite_losses is None else self._finite_losses + finite
         mask = inputs.get("attention_mask")
@@ -303,12 +308,13 @@ class LOMOTrainer(_hf.StockLoopHooks, CheckpointMethods, Trainer):
         self._tokens = tokens if self._tokens is None else self._tokens + tokens
         return loss
 
-    def _no_target(self, num_items_in_batch) -> bool:
-        """Whether the step's batches hold no target token on any rank: known only where the count is the global
-        one (the stock loop sums it over the ranks with average_tokens_across_devices, or there is one rank)."""
+    def _no_target(self, num_items_in_batch) -> torch.Tensor | None:
+        """Whether the step's batches hold no target token on any rank, as a device bool (never read here): known
+        only where the count is the global one (the stock loop sums it over the ranks with
+        average_tokens_across_devices, or there is one rank); None where it is not."""
         if num_items_in_batch is None or not (self.args.average_tokens_across_devices or world() == 1):
-            return False
-        return float(num_items_in_batch.sum() if torch.is_tensor(num_items_in_batch) else num_items_in_batch) == 0
+            return None
+        return torch.as_tensor(num_items_in_batch, device=self.args.device).sum() == 0
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         """The stock batches; none once ``max_steps`` is reached. The stock loop checks it only after a step
@@ -535,10 +541,12 @@ class _FusedControl(TrainerCallback):
         self.skips = self.trainer.lomo_optimizer.skipped_steps
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer.optimizer.no_target:  # nothing ran: neither a skip nor an update
+        lomo = self.trainer.lomo_optimizer
+        # skipped_steps also counts an update pass found non-finite, reported at the next step's sync
+        counted = lomo.skipped_steps > self.skips
+        if lomo.last_step_empty and not counted:  # no target token: neither a skip nor an update
             return
-        # skipped_steps also counts an update pass found non-finite, reported at the next step
-        self.trainer._check_divergence(self.trainer.lomo_optimizer.skipped_steps > self.skips)
+        self.trainer._check_divergence(counted)
 
     def on_prediction_step(self, args, state, control, **kwargs):
         """Between evaluation batches during training: a SIGTERM must not wait for the whole evaluation. One small

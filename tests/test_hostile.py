@@ -192,6 +192,100 @@ def _sequential(trainer):
                                                   collate_fn=trainer.data_collator))
 
 
+class _EachStep(TrainerCallback):
+    """Per step: whether the loop was told it was skipped, skipped_steps, and this rank's weights (its shards under
+    ZeRO-3)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.steps = trainer, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from lomo_trainer import _zero
+
+        weights = [_zero.local_data(p).detach().clone() for p in self.trainer.model.parameters()]
+        self.steps.append((self.trainer.optimizer.step_was_skipped, self.trainer.lomo_optimizer.skipped_steps,
+                           weights))
+
+
+def _no_target_run(out, ds, gas, clip, masked, max_steps):
+    """A run over ``masked_dataset(masked)`` in order, counting lomo_trainer's host reads in each training_step."""
+    from host_reads import HostReads
+
+    from lomo_trainer import LOMOArguments, LOMOTrainer
+
+    class Counting(LOMOTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            with HostReads() as reads:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            self.host_reads.append((self.accelerator.sync_gradients, reads.where))
+            return loss
+
+    args = _args(out, ds, max_steps=max_steps, learning_rate=0.1, warmup_steps=0, gradient_accumulation_steps=gas,
+                 max_grad_norm=clip)
+    trainer = Counting(model=tiny_llama(), args=args, train_dataset=masked_dataset(masked),
+                       lomo_args=LOMOArguments(max_consecutive_skips=1))
+    trainer.host_reads = []
+    trainer.get_train_dataloader = lambda: _sequential(trainer)
+    each = _EachStep(trainer)
+    trainer.add_callback(each)
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("lomo_trainer").addHandler(handler)
+    try:
+        trainer.train()
+    finally:
+        logging.getLogger("lomo_trainer").removeHandler(handler)
+    rows = [h for h in trainer.state.log_history if "loss" in h]
+    return dict(reads=trainer.host_reads, steps=each.steps, global_step=trainer.state.global_step,
+                skipped=trainer.lomo_optimizer.skipped_steps, warned=sum("no target token" in w for w in warnings),
+                nan=[math.isnan(h["loss"]) for h in rows], lrs=[h["learning_rate"] for h in rows])
+
+
+def _check_no_target_run(run, empty, micro_batches):
+    # the engine's one sync per step is lomo_trainer's only host read: none of num_items_in_batch, on no micro-batch
+    assert len(run["reads"]) == len(empty) * micro_batches
+    for i, (last, where) in enumerate(run["reads"]):
+        assert last == ((i + 1) % micro_batches == 0)
+        assert len(where) == (1 if last else 0) and all(w.startswith("optim/engine.py:") for w in where), \
+            (i, where)
+    assert run["global_step"] == len(empty) and run["skipped"] == 0 and run["warned"] == sum(empty)
+    assert [e for e, _, _ in run["steps"]] == empty and {s for _, s, _ in run["steps"]} == {0}  # skipped, uncounted
+    assert run["nan"] == empty, run["nan"]
+    before = None
+    for (was_empty, _, weights), lr in zip(run["steps"], run["lrs"]):
+        if before is not None:
+            assert all(torch.equal(a, b) for a, b in zip(before, weights)) == was_empty, "an empty step updated"
+        before = weights
+    assert all(run["lrs"][i] == run["lrs"][i - 1] for i in range(1, len(empty)) if empty[i]), \
+        "an empty step leaves the schedule alone"
+
+
+@pytest.mark.parametrize("gas, clip, masked, empty", [
+    (1, 0.0, [2, 3, 4, 5], [False, True, True, False]),   # one pass: decided at the sync before backward
+    (1, 1.0, [2, 3], [False, True, False]),               # global clipping: at the norm pass's sync
+    (2, 0.0, [0, 1, 4, 5, 6, 7], [False, True, False])])  # the buffer; step 1's first micro-batch alone has none
+def test_no_target_token_is_decided_at_the_steps_one_sync_without_a_host_read(tmp_path, gas, clip, masked, empty):
+    run = _no_target_run(str(tmp_path), None, gas, clip, masked, len(empty))
+    _check_no_target_run(run, empty, gas)
+
+
+def zero3_no_target(rank, world, out):
+    from trainers import ds_config
+
+    return _no_target_run(out, ds_config(), 2, 0.0, [0, 1, 4, 5] + list(range(8, 16)), 3)
+
+
+@pytest.mark.multirank
+def test_zero3_no_target_token_with_accumulation_is_decided_at_the_steps_one_sync(tmp_path):
+    # batches of 2 in order, alternating ranks: in step 1 rank 0's two micro-batches hold no target token but rank
+    # 1's do (an ordinary step); in step 2 no rank's do (empty); step 3 is step 1's data again
+    runs = run_ranks(zero3_no_target, 2, str(tmp_path))
+    for run in runs:
+        _check_no_target_run(run, [False, True, False], 2)
+    assert runs[0]["warned"] == runs[1]["warned"] == 1
+
+
 def test_resume_with_another_learning_rate_warns_naming_both(tmp_path, caplog):
     out = str(tmp_path)
     make_trainer(_args(out, None, max_steps=2, save_strategy="steps", save_steps=2)).train()

@@ -77,6 +77,62 @@ def test_norm_pass_non_finite_loss_skips_in_bf16():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("kind", ["one_pass", "norm_pass", "fp16", "buffered", "adalomo_buffered"])
+@pytest.mark.parametrize("last_loss", ["0/0", "finite"])
+def test_an_empty_step_changes_nothing_is_not_counted_and_discards_its_buffer(kind, last_loss):
+    """``step(closure, empty=flag)``: decided at the step's one sync; weights, rule state and fp16 scale stay, the
+    buffer of its micro-steps is dropped, nothing is counted, and the next step is the one it would have been."""
+    from host_reads import HostReads
+    from lomo_trainer.optim import AdaLomo
+
+    fp16 = kind == "fp16"
+    buffered = kind.endswith("buffered")
+    opts = dict(lr=0.1, clip_grad_norm=1.0 if kind == "norm_pass" else None, accumulate=buffered,
+                fp16={"initial_scale_power": 8, "hysteresis": 1} if fp16 else None)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+
+    def make():
+        model = fp16_mlp() if fp16 else fp16_mlp().float()
+        return model, (AdaLomo if kind.startswith("adalomo") else LOMO)(model, **opts)
+
+    def loss_of(model, i):
+        return model(x.to(model[0].weight.dtype) * (i + 1)).float().pow(2).mean()
+
+    def take_step(model, opt, i, empty=None, last=None):
+        if buffered:
+            opt.accumulate(lambda: loss_of(model, i))  # a finite gradient: left in the buffer, it would show
+        return opt.step(last or (lambda: loss_of(model, i)), empty=empty)
+
+    model, opt = make()
+    twin, twin_opt = make()
+    take_step(model, opt, 0)
+    take_step(twin, twin_opt, 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = [(k, v.clone()) for s in opt.state.values() for k, v in s.items()]
+    if last_loss == "0/0":  # a token mean over no token: NaN, whose backward would be NaN gradients
+        last = lambda: loss_of(model, 1).sum() * 0 / torch.zeros(())  # noqa: E731
+    else:
+        last = lambda: loss_of(model, 1)  # noqa: E731
+    with HostReads() as reads:
+        loss = take_step(model, opt, 1, empty=torch.tensor(True), last=last)
+    assert reads.count == 1, reads.where  # the step's one sync, the flag in it
+    assert math.isnan(loss.item()) == (last_loss == "0/0")
+    assert opt.last_step_skipped and opt.last_step_empty
+    assert opt.skipped_steps == 0 and opt.global_step == 1 and opt.loss_scale == twin_opt.loss_scale
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "an empty step updated"
+    assert [k for k, _ in state] == [k for s in opt.state.values() for k in s]
+    assert all(torch.equal(v, was) for (_, was), v in zip(state, [v for s in opt.state.values() for v in s.values()]))
+    assert bool(state) == kind.startswith("adalomo")
+    if buffered:
+        assert not opt._buffer.touched and all(not b.any() for b in opt._buffer.buffers.values())
+    for i in (2, 3):  # the next steps: as if the empty one never was (a stale buffer or scale would show)
+        take_step(model, opt, i, empty=torch.tensor(False))
+        take_step(twin, twin_opt, i)
+        assert not opt.last_step_skipped and not opt.last_step_empty
+    assert opt.global_step == twin_opt.global_step == 3 and opt.skipped_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
 def test_skipped_steps_survive_state_dict():
     model = nn.Linear(3, 1)
     opt = LOMO(model, lr=0.1)
@@ -117,6 +173,23 @@ def test_zero3_nan_loss_on_one_rank_skips_the_step_on_every_rank():
     for name, expected in ref.items():
         err = (results[0][0][name] - expected).abs().max().item()
         assert err <= 2e-6 * (1 + expected.abs().max().item()), f"{name}: off by {err:.2e}"
+
+
+def empty_on_one_rank(rank, world):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = LOMO(model, lr=0.1, accumulate=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.full((1, 3), float(rank + 1))
+    opt.accumulate(lambda: model(x).sum())
+    opt.step(lambda: model(x).sum(), empty=torch.tensor(rank == 1))
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    return opt.last_step_empty, opt.skipped_steps, unchanged, not opt._buffer.touched
+
+
+@pytest.mark.multirank
+def test_a_step_empty_on_one_rank_is_empty_on_every_rank():
+    assert run_ranks(empty_on_one_rank, 2) == [(True, 0, True, True)] * 2
 
 
 def train_fp16_sum_overflow(rank, world):

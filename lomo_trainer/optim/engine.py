@@ -30,6 +30,12 @@ Non-finite values never reach the weights, in any precision:
 Every skip adds one to ``skipped_steps``; ``last_step_skipped`` says whether the step just taken changed
 nothing.
 
+An empty step (``step(closure, empty=flag)``, ``flag`` a device bool the caller computed, e.g. "no target token in
+this step's batches"): the flag is all-reduced and read at the step's one sync, so the caller never reads it on the
+host. If it is set on any rank, the step changes nothing (weights, rule state, fp16 scale; an accumulation buffer is
+cleared) and is not counted: ``last_step_skipped`` and ``last_step_empty`` are True, ``skipped_steps`` stays. Its
+loss may be non-finite (0/0): that is no divergence.
+
 Gradient accumulation (``accumulate=True``): the hooks add each reduced shard gradient to a buffer the size of
 this rank's shards (``buffer_dtype``: fp32, or a 16-bit dtype for half the memory) instead of updating::
 
@@ -49,7 +55,8 @@ adapters, ``adapters=``); this engine owns the hooks, the reductions, the passes
 accounting, and hands each reduced shard to the pass's sink (``sinks.py``). Clipping is ``clipping.py``'s.
 
 Host synchronisations: exactly one per step, in every mode: the ``.item()``-like read of a few
-all-reduced numbers (global norm, loss finiteness, the previous update pass's flag) after the norm pass,
+all-reduced numbers (global norm, loss finiteness, the previous update pass's flag, the step's empty flag) after
+the norm pass,
 or after the forward in the one-pass modes; LOMO + LoRA adds one after backward (the adapters' gradients must be
 finite before their optimizer steps). None per parameter, except with ``offload_param``, where each
 reduced gradient slice is copied to the host for the host-side update (the host waits for that copy).
@@ -113,9 +120,10 @@ class LOMO(torch.optim.Optimizer):
 
     Attributes read by the trainer: ``global_step`` (steps that updated), ``skipped_steps`` (steps skipped
     for a non-finite loss or gradient, in any precision; saved in ``state_dict``), ``last_step_skipped``
-    (the step just taken changed nothing), ``update_overflows`` (the part of ``skipped_steps`` found in an
-    update pass, counted at the next step), ``grad_norm``, ``loss_scale``, and ``shared_flags`` /
-    ``agreed_flags`` (flags a caller raises on one rank and every rank sees after the next step's sync).
+    (the step just taken changed nothing), ``last_step_empty`` (it was an empty step: not counted),
+    ``update_overflows`` (the part of ``skipped_steps`` found in an update pass, counted at the next step),
+    ``grad_norm``, ``loss_scale``, and ``shared_flags`` / ``agreed_flags`` (flags a caller raises on one rank and
+    every rank sees after the next step's sync).
     """
 
     def __init__(self, model, params: Iterable | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -170,6 +178,8 @@ class LOMO(torch.optim.Optimizer):
         self.global_step = 0        # steps that updated the parameters
         self.grad_norm: float | None = None  # global norm of the last step, when it was measured
         self.last_step_skipped = False  # the step just taken changed no parameter
+        self.last_step_empty = False    # ... because the caller marked it empty (not counted in skipped_steps)
+        self._empty: torch.Tensor | bool | None = None  # the step's empty flag, read at its sync
         self.skipped_steps = 0      # steps skipped for a non-finite value, in any precision (see the module doc)
         self.update_overflows = 0   # of those, update passes found (one step late) to have left slices unwritten
         self._carried_update_flags = 0  # from a loaded state, not yet reported
@@ -247,7 +257,8 @@ class LOMO(torch.optim.Optimizer):
 
     def accumulate(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A micro-step that is not the step's last: forward, backward with each reduced shard gradient added to
-        the buffer. No update and no host sync. Returns the detached loss."""
+        the buffer. No update and no host sync. Returns the detached loss. Whether the step is empty is the step's
+        own argument: an empty step discards what its micro-steps buffered."""
         if self._buffer is None:
             raise RuntimeError("LOMO.accumulate needs LOMO(..., accumulate=True): without a buffer the update "
                                "happens inside backward")
@@ -262,14 +273,18 @@ class LOMO(torch.optim.Optimizer):
         self._micro_count += 1
         return loss
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
+    def step(self, closure: Callable[[], torch.Tensor] | None = None,  # type: ignore[override]
+             empty: torch.Tensor | bool | None = None) -> torch.Tensor:
+        """One step (the last micro-step with ``accumulate=True``). ``empty``: a scalar bool, on any rank true when the
+        step has nothing to learn from; decided at the step's one sync (see the module doc), never read before."""
         if closure is None:
             raise RuntimeError("LOMO updates inside backward: call optimizer.step(closure) with a closure that "
                                "runs the forward and returns the loss (it must not call backward).")
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         self.clipping.begin_step(scale)
         self.grad_norm = None
-        self.last_step_skipped = False
+        self.last_step_skipped = self.last_step_empty = False
+        self._empty = empty  # set at every step: one that raised before its sync leaves nothing stale
         if not self._bound:
             self._bind()
 
@@ -357,19 +372,23 @@ class LOMO(torch.optim.Optimizer):
 
     def _sync(self, loss: torch.Tensor, norm_sq: torch.Tensor | None = None) -> float | None:
         """The step's one host sync: sum over ranks [squared norm, non-finite losses, update slices the
-        previous update pass left unwritten, shared flags] and read them. Returns the squared global norm (0.0
-        when none was measured), or None when the step must be skipped."""
+        previous update pass left unwritten, ranks that marked the step empty, shared flags] and read them. Returns
+        the squared global norm (0.0 when none was measured), or None when the step must be skipped."""
         dev = loss.device
         if norm_sq is None or (self.engine is None and self._rank != 0):
             norm_sq = torch.zeros((), device=dev)  # replicas of a plain module hold the same norm: count it once
         flags = [float(v) for v in self.shared_flags.values()]
         unwritten = self.writer.take_flags(dev, self._carried_update_flags)
         self._carried_update_flags = 0
-        vec = torch.cat([torch.stack([norm_sq.float(), (~torch.isfinite(loss.detach())).float(), unwritten]),
+        empty, self._empty = self._empty, None
+        # always a slot (0 when not given): every rank's vector has the same length
+        empty = torch.zeros((), device=dev) if empty is None else \
+            torch.as_tensor(empty).to(dev, torch.float32).reshape(())
+        vec = torch.cat([torch.stack([norm_sq.float(), (~torch.isfinite(loss.detach())).float(), unwritten, empty]),
                          torch.tensor(flags, dtype=torch.float32).to(dev)])
         if self._world > 1:
             dist.all_reduce(vec)
-        norm_sq, bad_losses, unwritten, *raised = vec.tolist()  # the one host sync of a step
+        norm_sq, bad_losses, unwritten, empty, *raised = vec.tolist()  # the one host sync of a step
         for name, count in zip(list(self.shared_flags), raised):
             self.agreed_flags[name] = self.agreed_flags.get(name, False) or count > 0
         if unwritten:  # the previous step's update pass overflowed somewhere: count it, lower the scale
@@ -377,12 +396,17 @@ class LOMO(torch.optim.Optimizer):
             self.skipped_steps += 1
             if self.loss_scaler is not None:
                 self.loss_scaler.update(True)
+        if empty:  # before the finiteness checks: an empty step's loss is often 0/0, which is no divergence
+            self.last_step_empty = True
+            return None
         if bad_losses or not math.isfinite(norm_sq):
             return None
         return norm_sq
 
     def _skip(self, loss: torch.Tensor) -> torch.Tensor:
         self.last_step_skipped = True
+        if self.last_step_empty:  # nothing to learn from is no failure: not counted, the fp16 scale stays
+            return loss.detach()
         self.skipped_steps += 1
         if self.loss_scaler is not None:  # only fp16 has a scaler to lower
             self.loss_scaler.update(True)
