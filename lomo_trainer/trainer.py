@@ -161,9 +161,17 @@ class LOMOTrainer(_hf.StockLoopHooks, CheckpointMethods, Trainer):
                 self._freeze_reference()
 
             name = f"LOMO{trainer_cls.__name__}"
-            _WRAPPED[trainer_cls] = type(name, (trainer_cls, cls), {
-                "__init__": __init__, "__module__": trainer_cls.__module__, "__qualname__": name,
-                "__doc__": f"{trainer_cls.__name__} with LOMO's fused update (LOMOTrainer.wrap)."})
+            members = {"__init__": __init__, "__module__": trainer_cls.__module__, "__qualname__": name,
+                       "__doc__": f"{trainer_cls.__name__} with LOMO's fused update (LOMOTrainer.wrap)."}
+            if trainer_cls.create_model_card is not Trainer.create_model_card:  # its own card (TRL's): name LOMO in it
+                def create_model_card(self, *pos, **kwargs):
+                    trainer_cls.create_model_card(self, *pos, **kwargs)
+                    self._name_optimizer_in_card()
+
+                members["create_model_card"] = create_model_card
+            if hasattr(trainer_cls, "_tag_names"):  # TRL's hub tags
+                members["_tag_names"] = [*trainer_cls._tag_names, "lomo"]
+            _WRAPPED[trainer_cls] = type(name, (trainer_cls, cls), members)
         return _WRAPPED[trainer_cls]
 
     # ------------------------------------------------------------------ set-up
@@ -438,26 +446,34 @@ class LOMOTrainer(_hf.StockLoopHooks, CheckpointMethods, Trainer):
             super().create_model_card(*args, **kwargs)
         finally:
             self.state.log_history = history
+        self._name_optimizer_in_card()
+
+    def _name_optimizer_in_card(self) -> None:
+        """Put LOMO's line in ``output_dir/README.md``: in place of the stock card's ``- optimizer:`` entry, or, in a
+        card without one (TRL's template), as a section of its own."""
         path = os.path.join(self.args.output_dir, "README.md")
-        if self.is_world_process_zero() and os.path.isfile(path):
-            with open(path) as f:
-                lines = f.read().split("\n")
-            s = self.lomo_settings
-            text = (f"- optimizer: {'AdaLomo' if s.optimizer == 'adalomo' else 'LOMO'} (fused into backward, "
-                    f"lomo_trainer), weight_decay={s.weight_decay}, clip_grad_norm={s.clip_grad_norm} ({s.clip_mode}), "
-                    f"clip_grad_value={s.clip_grad_value}")
-            if self.lora:
-                adapters = self.lomo_optimizer.adapters
-                extra = "".join(f", {k}={v}" for k, v in adapters.kwargs.items())
-                text += (f"; LoRA adapters by {adapters.cls.__name__} (lr={adapters.lr}{extra}), merged into the saved "
-                         f"weights (the adapters alone: {lora.ADAPTER_FOLDER}/)")
-            start = next((i for i, line in enumerate(lines) if line.startswith("- optimizer:")), None)
-            if start is not None:  # the stock entry may run over several lines (its optimizer args)
-                end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("- ") or not lines[j]),
-                           len(lines))
-                lines[start:end] = [text]
-            with open(path, "w") as f:
-                f.write("\n".join(lines))
+        if not (self.is_world_process_zero() and os.path.isfile(path)):
+            return
+        with open(path) as f:
+            lines = f.read().split("\n")
+        s = self.lomo_settings
+        text = (f"- optimizer: {'AdaLomo' if s.optimizer == 'adalomo' else 'LOMO'} (fused into backward, "
+                f"lomo_trainer), weight_decay={s.weight_decay}, clip_grad_norm={s.clip_grad_norm} ({s.clip_mode}), "
+                f"clip_grad_value={s.clip_grad_value}")
+        if self.lora:
+            adapters = self.lomo_optimizer.adapters
+            extra = "".join(f", {k}={v}" for k, v in adapters.kwargs.items())
+            text += (f"; LoRA adapters by {adapters.cls.__name__} (lr={adapters.lr}{extra}), merged into the saved "
+                     f"weights (the adapters alone: {lora.ADAPTER_FOLDER}/)")
+        start = next((i for i, line in enumerate(lines) if line.startswith("- optimizer:")), None)
+        if start is not None:  # the stock entry may run over several lines (its optimizer args)
+            end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("- ") or not lines[j]),
+                       len(lines))
+            lines[start:end] = [text]
+        else:
+            lines += ["", "## Optimizer", "", text, ""]
+        with open(path, "w") as f:
+            f.write("\n".join(lines))
 
     # ------------------------------------------------------------------ saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

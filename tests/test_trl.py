@@ -108,6 +108,22 @@ def test_sft_same_weights_as_stock_sgd(tmp_path, world, zero3, clip):
         assert max(stock_grad) > clip, "clipping must act"
 
 
+def sft_card(rank, world, out):
+    """A wrapped SFTTrainer that saves a checkpoint: TRL's _save_checkpoint writes TRL's model card first."""
+    import os
+
+    sft_run(rank, world, out, True, save_strategy="steps", save_steps=3, max_steps=3)
+    with open(os.path.join(out, "README.md")) as f:
+        return f.read()
+
+
+@pytest.mark.multirank
+def test_wrapped_trl_model_card_names_lomo(tmp_path):
+    card = run_ranks(sft_card, 1, str(tmp_path / "out"))[0]
+    assert "SFT" in card and "- lomo" in card, card  # TRL's card, with LOMO in its tags
+    assert "- optimizer: LOMO (fused into backward, lomo_trainer)" in card, card
+
+
 def dpo_run(rank, world, out, lomo, zero3=False, clip=0.0, **kw):
     from trl import DPOConfig, DPOTrainer
 
