@@ -33,6 +33,9 @@ def test_rule_bounds_and_monotone():
     tight = auto_gathering(numels("65b"), 8, 2, 20 * 2**30)["stage3_max_live_parameters"]
     assert tight == (20 * 2**30 - 2 * -(-load_inventory("65b").n_params // 8) - 2**30) // 8 < int(1e9)
     assert auto_gathering(numels("65b"), 8, 2, 16 * 2**30)["stage3_max_live_parameters"] == max(numels("65b"))
+    # 13B on one 24 GB GPU: its 24 GiB shard leaves nothing, unless offload_param keeps it on the host
+    assert auto_gathering(numels("13b"), 1, 2, 24 * 2**30)["stage3_max_live_parameters"] == max(numels("13b"))
+    assert auto_gathering(numels("13b"), 1, 2, 24 * 2**30, offload_param=True)["stage3_max_live_parameters"] == int(1e9)
     with pytest.raises(ValueError):
         auto_gathering(small, 0)
 
@@ -58,6 +61,11 @@ def test_fill_auto_fills_only_auto_keys():
     assert out["stage3_max_live_parameters"] == 1000 and out["stage3_max_reuse_distance"] == 5
     assert out["reduce_bucket_size"] == "auto" and out["stage"] == 3 and "stage3_prefetch_bucket_size" not in out
     assert fill_auto({"stage": 3}, [10], 2) == {"stage": 3}
+    # the block's own offload_param decides whether the shard counts against the device's memory
+    big, mem = numels("13b"), 24 * 2**30
+    on_device = fill_auto({"stage3_max_live_parameters": "auto"}, big, 1, 2, mem)
+    offloaded = fill_auto({"stage3_max_live_parameters": "auto", "offload_param": {"device": "cpu"}}, big, 1, 2, mem)
+    assert on_device["stage3_max_live_parameters"] < offloaded["stage3_max_live_parameters"] == int(1e9)
 
 
 def test_engine_config_fills_auto_from_the_model():
