@@ -10,6 +10,7 @@ Public API (stable):
     encode_pair(tokenizer, context, continuation, max_length, add_eos=False) -> (context ids, continuation ids)
     pick(scores, normalize="sum", candidates=None) -> int
     NORMALIZATIONS = ("sum", "token", "char")
+    with between_batches(fn): ...   # fn() after every batch scored inside, on every rank alike
 
 ``requests`` is a sequence of ``(context, [continuation, ...])``. For every continuation the result holds
 ``(logprob, n_tokens)``: the summed log-likelihood (natural log) of the continuation's tokens given the
@@ -33,11 +34,17 @@ rank scores a share and the results are gathered, so every rank returns the full
 continuation is scored exactly once. All ranks run the same number of forward passes (ranks that run out
 of work run one-token dummy batches), as ZeRO-3 gathers parameters collectively in forward. Scores agree
 with a single-rank run up to float rounding (batches are padded differently).
+
+``between_batches`` lets a caller act between two forward passes without threading an argument through every
+layer that reaches ``score_pairs``: a trainer evaluating by ranking uses it to stop at a signal between batches
+(``fn`` may all-reduce: every rank runs the same number of batches).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.distributed as dist
@@ -160,6 +167,19 @@ def score_candidates(model, tokenizer, requests, *, batch_size: int = 8, max_len
     return results
 
 
+_BETWEEN_BATCHES: ContextVar[Callable[[], None] | None] = ContextVar("between_batches", default=None)
+
+
+@contextmanager
+def between_batches(fn: Callable[[], None]):
+    """Call ``fn()`` after every batch ``score_pairs`` scores while inside this block."""
+    token = _BETWEEN_BATCHES.set(fn)
+    try:
+        yield
+    finally:
+        _BETWEEN_BATCHES.reset(token)
+
+
 def score_pairs(model, pairs, *, pad_id=None, batch_size: int = 8, device=None, group=None) -> list[float]:
     """Summed log-likelihood of each ``(context ids, continuation ids)`` pair's continuation, distributed as
     ``score_candidates`` (every rank passes the same pairs). An empty continuation scores 0."""
@@ -190,6 +210,7 @@ def score_pairs(model, pairs, *, pad_id=None, batch_size: int = 8, device=None, 
     extra = {"use_cache": False} if getattr(module, "config", None) is not None else {}
     was_training = model.training
     model.eval()  # dropout would make scores random
+    between = _BETWEEN_BATCHES.get()
     try:
         local = []
         for b in range(n_batches):
@@ -198,6 +219,8 @@ def score_pairs(model, pairs, *, pad_id=None, batch_size: int = 8, device=None, 
                 local.extend(_score_batch(model, [items[i] for i in chunk], device, pad_id, extra))
             else:  # dummy batch: keeps ZeRO-3's collective parameter gathers in step across ranks
                 _score_batch(model, [([pad_id], [pad_id])], device, pad_id, extra)
+            if between is not None:
+                between()
     finally:
         model.train(was_training)
 

@@ -580,6 +580,30 @@ def test_sigterm_during_a_long_evaluation_stops_between_batches(tmp_path):
     assert problem(os.path.join(out, "checkpoint-2")) is None
 
 
+def test_sigterm_during_a_ranking_evaluation_stops_between_batches(tmp_path):
+    """SuperGLUE's trainers evaluate by ranking candidates (their own loop, not the stock evaluation loop): a
+    signal stops them between two scored batches too, saved and with the same line."""
+    from lomo_trainer import LOMOTrainer
+    from lomo_trainer.ranking import score_pairs
+    from lomo_trainer.superglue.training import epoch_eval_trainer
+
+    out = str(tmp_path)
+    sender = SendSignal(signal.SIGTERM, at_eval_batch=1)
+    pairs = [([1, 2, 3], [4, 5])] * 40
+
+    def ranking_eval(model):
+        return {"accuracy": float(sum(score_pairs(model, pairs, batch_size=1)))}
+
+    trainer = epoch_eval_trainer(LOMOTrainer)(
+        model=tiny_llama(), args=_args(out, None, max_steps=6, eval_strategy="steps", eval_steps=2),
+        train_dataset=_dataset(), eval_dataset=_dataset(2), callbacks=[sender], ranking_eval=ranking_eval)
+    with pytest.raises(Interrupted) as err:
+        trainer.train()
+    assert sender.eval_batches == 1, "waited for the whole ranking evaluation (40 batches)"
+    assert err.value.code == 143 and err.value.message.startswith(f"stopped by SIGTERM at step 2: saved {out}/checkpoint-2")
+    assert problem(os.path.join(out, "checkpoint-2")) is None
+
+
 def test_lomo_train_prints_one_line_for_a_signal(lomo_train):
     def stopped(run, kwargs, lomo):
         raise Interrupted(143, "stopped by SIGTERM at step 3: saved out/checkpoint-3")

@@ -7,6 +7,7 @@ with ``eval_strategy="epoch"`` the Trainer calls it after every epoch and it kee
 """
 from __future__ import annotations
 
+from .. import ranking
 from ..data import IGNORE_INDEX
 from .protocols import get_protocol, gold_completion
 from .tasks import get_task
@@ -44,8 +45,12 @@ def epoch_eval_trainer(trainer_cls):
             self.ranking_eval, self.evaluations = ranking_eval, []
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            result = dict(self.ranking_eval(self.model), epoch=round(self.state.epoch or 0.0, 4),
-                          step=self.state.global_step)
+            # the stock evaluation loop's per-batch hook, between ranking batches: a signal need not wait for the
+            # whole evaluation (LOMOTrainer stops every rank at the same batch there)
+            with ranking.between_batches(lambda: self.callback_handler.on_prediction_step(
+                    self.args, self.state, self.control)):
+                metrics = self.ranking_eval(self.model)
+            result = dict(metrics, epoch=round(self.state.epoch or 0.0, 4), step=self.state.global_step)
             self.evaluations.append(result)
             logged = {f"{metric_key_prefix}_{k}": v for k, v in result.items()
                       if isinstance(v, float) and k not in ("epoch",)}
