@@ -1,6 +1,6 @@
 """Beyond LLaMA: the parameter inventory against the real models of every preset family, the activation terms
-against the bytes autograd saves, check_memory on any config, LOMO and AdaLomo under ZeRO-3 on a mixture-of-experts
-model and on Gemma-3 against the float64 references, and SuperGLUE zero-shot on Gemma-3."""
+against the bytes autograd saves, check_memory on any config, LOMO and AdaLomo under ZeRO-3 on Qwen3 (dense and
+mixture-of-experts), Gemma-3 and GPT-2 against the float64 references, and SuperGLUE zero-shot on Gemma-3."""
 import glob
 import json
 import os
@@ -165,6 +165,10 @@ MODELS = {
     "qwen3_moe": tiny("qwen3-30b-a3b", attn_implementation="eager"),
     # Gemma-3: tied embeddings, head_dim 32 != 64 / 4, q/k norms, 4 norms per layer, a 4-token sliding window
     "gemma3": tiny("gemma-3-12b", attn_implementation="eager"),
+    # Qwen3 dense: q/k norms, head_dim 32 != 64 / 4, grouped-query attention, untied
+    "qwen3": tiny("qwen3-8b", attn_implementation="eager"),
+    # GPT-2: Conv1D weights (transposed against nn.Linear), fused qkv, learned positions, biases, tied embeddings
+    "gpt2": tiny("gpt2", attn_implementation="eager"),
 }
 
 
@@ -216,7 +220,13 @@ def test_adalomo_zero3_matches_float64_reference(kind):
     params, _, _, state = run_ranks(train_zero3, 2, kind, "adalomo", opts)[0]
     model, vocab = build(kind)
     init = {n: p.detach().double() for n, p in model.named_parameters()}
-    assert_close(params, reference_adalomo(model, STEPS, 2, vocab, **opts), init)
+    ref = reference_adalomo(model, STEPS, 2, vocab, **opts)
+    if kind == "gpt2":  # the key bias's true gradient is 0 (softmax ignores a shift shared by every key): its ~1e-20
+        # rounding noise, which AdaLomo normalises to full-size steps of random sign, cannot match float64
+        for d in (params, ref, init):
+            for n in [n for n in d if n.endswith("attn.c_attn.bias")]:
+                d[n] = torch.cat([d[n][:64], d[n][128:]])  # the query and value thirds (hidden 64)
+    assert_close(params, ref, init)
     assert state == adalomo_state_numel(build_inventory(MODELS[kind]), 2), "the planner's AdaLomo state term"
 
 
