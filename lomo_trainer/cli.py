@@ -18,7 +18,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 
-from . import _hf
+from . import _hf, ranks
 from .config import LOMOArguments, load_json, validate
 from .errors import ConfigError, Interrupted, SaveFailed, TrainingDiverged
 
@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     # DeepSpeed still calls collectives that torch 2.13 renamed: one warning per call and rank is noise
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
+    # TrainingArguments may create the process group as early as parse(); one that a caller set up (a test, a
+    # notebook) is the caller's to end
+    created_here = not ranks.initialized()
     try:
         from .data import precheck_data
 
@@ -214,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         precheck_model(run, targs_kwargs)
         precheck_data(run)
         lock_output_dir(targs_kwargs)
-        return _train(run, targs_kwargs, lomo)
+        code = _train(run, targs_kwargs, lomo)
+        if code == 0:
+            ranks.leave(created_here)
+        return code
     except ConfigError as e:  # before the process group, or a data/config error found later: one line either way
         print(f"lomo-train: error: {e}", file=sys.stderr)
         return 2

@@ -48,7 +48,8 @@ def _child(fn, rank, world, local_world, backend, port, queue, args, kwargs):
         try:
             result = fn(rank, world, *args, **kwargs)
         finally:
-            dist.destroy_process_group()
+            if dist.is_initialized():  # fn may have ended it itself
+                dist.destroy_process_group()
         queue.put((rank, True, pickle.dumps(result)))  # by value: the child exits before the parent reads
     except BaseException:  # report everything, assertion failures included, to the parent
         queue.put((rank, False, traceback.format_exc()))

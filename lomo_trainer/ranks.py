@@ -13,9 +13,23 @@ def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def initialized() -> bool:
+    return dist.is_initialized()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def leave(created_here: bool) -> None:
+    """The end of a command that succeeded on every rank: if the command created the process group (it was not
+    initialised when the command started), wait for every rank and destroy it. A process that exits with the group
+    alive can abort in the backend's thread teardown ("terminate called without an active exception", SIGABRT)
+    after its work is done, and the launcher then reports the run as failed."""
+    if created_here and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 _AGREED_ERRORS = {cls.__name__: cls for cls in (CheckpointError, ConfigError, SaveFailed, TrainingDiverged)}

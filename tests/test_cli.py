@@ -35,6 +35,40 @@ def test_default_run_trains_saves_and_evaluates(tmp_path):
     assert model(input_ids=ids).logits.shape[-1] == len(tok)
 
 
+def run_default_as_launched(rank, world, out, port):
+    """As under torchrun: no process group yet, only the launcher's variables; lomo-train creates the group."""
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    code = run_default(rank, world, out)
+    return code, dist.is_initialized()
+
+
+@pytest.mark.multirank
+def test_lomo_train_destroys_the_process_group_it_created(tmp_path):
+    """A process that exits with its group alive can abort in gloo's/NCCL's thread teardown after the run has
+    succeeded (SIGABRT, and the launcher reports a failure); one that a caller set up is left to the caller."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert run_ranks(run_default_as_launched, 2, str(tmp_path / "run"), port) == [(0, False), (0, False)]
+
+
+def run_default_keeps_group(rank, world, out):
+    import torch.distributed as dist
+
+    return run_default(rank, world, out), dist.is_initialized()
+
+
+@pytest.mark.multirank
+def test_lomo_train_leaves_a_callers_process_group_alone(tmp_path):
+    assert run_ranks(run_default_keeps_group, 2, str(tmp_path / "run")) == [(0, True), (0, True)]
+
+
 # ------------------------------------------------------------------ bad input: one line, exit 2, no process group
 import re  # noqa: E402
 

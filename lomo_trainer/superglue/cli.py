@@ -22,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .. import ranks
 from ..ranking import NORMALIZATIONS
 from .protocols import PROTOCOLS, check_tasks, get_protocol
 from .report import load_json, merge_runs, render_table, write_results
@@ -156,8 +157,11 @@ def main(argv=None):
     if rest and not getattr(args, "config", None):
         build_parser().parse_args(argv)  # the usual argparse error for unknown arguments
     args.overrides = rest
+    created_here = not ranks.initialized()  # a caller's process group (a test) is the caller's to end
     try:
-        return COMMANDS[args.command](args)
+        result = COMMANDS[args.command](args)
+        ranks.leave(created_here)
+        return result
     except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
