@@ -15,7 +15,9 @@ Checked against transformers 5.25 (trainer.py line numbers below) and accelerate
 - the five private ``Trainer`` methods ``StockLoopHooks`` replaces, each for a reason given there;
 - ``PreTrainedModel._tied_weights_keys`` names the parameters saved under another name (a dict in 5.x);
 - ``HfArgumentParser._actions`` (argparse's) lists the flags, one per dataclass field;
-- ``AcceleratorState._reset_state`` / ``GradientState._reset_state`` clear accelerate's per-process singletons.
+- ``AcceleratorState._reset_state`` / ``GradientState._reset_state`` clear accelerate's per-process singletons;
+- ``TrainingArguments._setup_devices`` (a cached property that ``__post_init__`` reaches through ``self.device``)
+  builds accelerate's ``PartialState``, which under a launcher initialises torch.distributed.
 """
 from __future__ import annotations
 
@@ -177,3 +179,25 @@ def reset_accelerate_state() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+
+
+def arguments_for_checks(cls, **kwargs):
+    """``cls(**kwargs)`` (TrainingArguments or a subclass) for its own checks and normalised values, without setting
+    up devices: building it normally initialises torch.distributed under a launcher, before one input is checked.
+    The device-dependent checks (bf16 support) still run, on this rank's GPU as accelerate would choose it."""
+    from functools import cached_property
+
+    class ForChecks(cls):
+        @cached_property
+        def _setup_devices(self):
+            import os
+
+            import torch
+
+            self.distributed_state, self._n_gpu = None, 0
+            if not self.use_cpu and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # what PartialState does first; no context yet
+            return torch.device("cpu")
+
+    ForChecks.__name__ = ForChecks.__qualname__ = cls.__name__  # its messages name the user's class
+    return ForChecks(**kwargs)

@@ -105,11 +105,12 @@ def parse(argv: list[str]):
     values["resume_from_checkpoint"] = _resume_value(values.get("resume_from_checkpoint"))
     run = RunArguments(**{f.name: values[f.name] for f in dataclasses.fields(RunArguments)})
     lomo = LOMOArguments(**{f.name: values[f.name] for f in dataclasses.fields(LOMOArguments)})
-    # TrainingArguments is built here for its own checks and normalised values, without the DeepSpeed JSON:
-    # it would read that through accelerate, whose errors are long tracebacks; prevalidate reads it instead.
+    # TrainingArguments is built here for its own checks and normalised values, without the DeepSpeed JSON (it
+    # would read that through accelerate, whose errors are long tracebacks; prevalidate reads it instead) and
+    # without devices (under a launcher that would initialise the process group before any input is checked).
     try:
-        targs = TrainingArguments(**{f.name: values[f.name] for f in dataclasses.fields(TrainingArguments)
-                                     if f.init and f.name != "deepspeed"})
+        targs = _hf.arguments_for_checks(TrainingArguments, **{
+            f.name: values[f.name] for f in dataclasses.fields(TrainingArguments) if f.init and f.name != "deepspeed"})
     except ValueError as e:
         raise ConfigError(f"TrainingArguments: {str(e).strip().splitlines()[0]}") from None
     kwargs = {f.name: getattr(targs, f.name) for f in dataclasses.fields(targs) if f.init}
@@ -237,14 +238,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def prevalidate(targs_kwargs: dict, lomo: LOMOArguments | None = None) -> None:
     """Validate the DeepSpeed JSON against the arguments before the process group: TrainingArguments built
-    without it (with a DeepSpeed config it would initialise the process group)."""
+    without it, and without devices (either would initialise the process group)."""
     from transformers import TrainingArguments
 
     ds = targs_kwargs.get("deepspeed")
     # without a launcher lomo-train runs as a world of one (_single_process_env): the batch keys are checked for it
     launched = any(k in os.environ for k in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"))
-    validate(load_json(ds) if ds else None, TrainingArguments(**{**targs_kwargs, "deepspeed": None}), lomo,
-             world_size=None if launched else 1)
+    args = _hf.arguments_for_checks(TrainingArguments, **{**targs_kwargs, "deepspeed": None})
+    validate(load_json(ds) if ds else None, args, lomo, world_size=None if launched else 1)
     resume = targs_kwargs.get("resume_from_checkpoint")
     if isinstance(resume, str) and not os.path.isdir(resume):
         raise ConfigError(f"resume_from_checkpoint={resume!r} does not exist: pass a checkpoint-N folder, or true "

@@ -167,7 +167,7 @@ class LOMOArguments:
                 'chooses is in the training dtype unless this says otherwise'})
     check_memory: bool | None = field(default=None, metadata={
         "help": "before training, refuse a setting that the planner predicts does not fit this GPU's memory "
-                "(LLaMA-shaped models); default: false, no check"})
+                "(any HF causal LM the planner can read); default: false, no check"})
     lora: dict | str | None = field(default=None, metadata={
         "help": 'LOMO + LoRA: peft LoraConfig fields and the adapters\' optimizer, e.g. {"r": 8, "lora_alpha": 16, '
                 '"target_modules": ["q_proj", "v_proj"], "optimizer": {"type": "AdamW", "params": {"lr": 5e-4}}} '

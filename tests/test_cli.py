@@ -58,6 +58,30 @@ def test_lomo_train_destroys_the_process_group_it_created(tmp_path):
     assert run_ranks(run_default_as_launched, 2, str(tmp_path / "run"), port) == [(0, False), (0, False)]
 
 
+def bad_input_as_launched(rank, world, out, port):
+    """Under torchrun, with an input error the start-up checks find: one line, exit 2, and still no process group
+    (TrainingArguments, built normally, would have created it before any check)."""
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from lomo_trainer.cli import main
+
+    code = main([os.path.join(ROOT, "configs", "default_cpu.json"), "--output_dir", out, "--num_train_epochs", "0"])
+    return code, dist.is_initialized()
+
+
+@pytest.mark.multirank
+def test_bad_input_under_a_launcher_is_refused_before_any_process_group(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert run_ranks(bad_input_as_launched, 2, str(tmp_path / "run"), port) == [(2, False), (2, False)]
+
+
 def run_default_keeps_group(rank, world, out):
     import torch.distributed as dist
 
