@@ -307,8 +307,10 @@ class LOMOTrainer(_hf.StockLoopHooks, CheckpointMethods, Trainer):
                                "(every label is -100): skipped; it changes nothing and is not a non-finite step")
         else:
             loss = lomo.accumulate(closure)  # an empty step's buffer is discarded at its step
-        if empty is not None:  # no loss to report for an empty step, whatever the loss makes of 0 items
+        if torch.is_tensor(empty):  # no loss to report for an empty step, whatever the loss makes of 0 items
             loss = loss.masked_fill(empty.to(loss.device), float("nan"))
+        elif empty:
+            loss = torch.full_like(loss, float("nan"))
         finite = torch.isfinite(loss).to(torch.float32)
         self._finite_losses = finite if self._finite_losses is None else self._finite_losses + finite
         mask = inputs.get("attention_mask")
@@ -316,13 +318,15 @@ class LOMOTrainer(_hf.StockLoopHooks, CheckpointMethods, Trainer):
         self._tokens = tokens if self._tokens is None else self._tokens + tokens
         return loss
 
-    def _no_target(self, num_items_in_batch) -> torch.Tensor | None:
-        """Whether the step's batches hold no target token on any rank, as a device bool (never read here): known
-        only where the count is the global one (the stock loop sums it over the ranks with
-        average_tokens_across_devices, or there is one rank); None where it is not."""
+    def _no_target(self, num_items_in_batch) -> torch.Tensor | bool | None:
+        """Whether the step's batches hold no target token on any rank: a bool tensor where the count is one (never
+        read here), a bool where it is a number. Known only where the count is the global one (the stock loop sums it
+        over the ranks with average_tokens_across_devices, or there is one rank); None where it is not."""
         if num_items_in_batch is None or not (self.args.average_tokens_across_devices or world() == 1):
             return None
-        return torch.as_tensor(num_items_in_batch, device=self.args.device).sum() == 0
+        if torch.is_tensor(num_items_in_batch):
+            return num_items_in_batch.sum() == 0
+        return num_items_in_batch == 0
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         """The stock batches; none once ``max_steps`` is reached. The stock loop checks it only after a step
