@@ -65,8 +65,9 @@ def planner_lines(commands: list[str], tmp_path) -> None:
     assert out.stdout.count("verdict:") + out.stdout.count("clip_mode auto ->") >= loops
 
 
-def deepspeed_launch(command: str, tmp_path, monkeypatch) -> None:
-    """The launcher is installed and the run config passes lomo-train's start-up checks for 8 processes."""
+def run_config_launch(command: str, tmp_path, monkeypatch) -> None:
+    """The launcher (if any) is installed and the run config passes lomo-train's start-up checks for as many
+    processes as it starts (one without a launcher)."""
     from transformers import training_args
 
     from lomo_trainer import cli, config
@@ -75,10 +76,14 @@ def deepspeed_launch(command: str, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(training_args, "is_torch_bf16_gpu_available", lambda: True)
     monkeypatch.setattr(config, "_check_device_dtype", lambda fp16, bf16: None)
     words = shlex.split(command)
-    assert (VENV_BIN / "deepspeed").is_file(), "the deepspeed launcher is not installed in the environment"
-    assert importlib.util.find_spec(words[words.index("--module") + 1] + ".__main__")
+    module = words[words.index("--module" if "--module" in words else "-m") + 1]
+    assert importlib.util.find_spec(module + ".__main__"), module
     monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("WORLD_SIZE", words[words.index("--num_gpus") + 1])
+    if words[0] == "deepspeed":
+        assert (VENV_BIN / "deepspeed").is_file(), "the deepspeed launcher is not installed in the environment"
+        monkeypatch.setenv("WORLD_SIZE", words[words.index("--num_gpus") + 1])
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
     run_args, targs, lomo = cli.parse([words[-1], "--output_dir", str(tmp_path / "out")])
     cli.prevalidate(targs, lomo)
     cli.precheck_run(run_args, targs)
@@ -107,7 +112,8 @@ def accelerate_launch(command: str, tmp_path, monkeypatch) -> None:
 RULES = [  # (pattern, runner); a README command no rule matches fails the test
     (r"bash scripts/default_run\.sh", default_run),
     (r"bash scripts/test\.sh", suite_collects),
-    (r"deepspeed --num_gpus 8 --module lomo_trainer configs/\S+\.json", deepspeed_launch),
+    (r"deepspeed --num_gpus 8 --module lomo_trainer configs/\S+\.json", run_config_launch),
+    (r"python -m lomo_trainer configs/\S+\.json", run_config_launch),
     (r"accelerate launch --config_file \S+ examples/\S+\.py .*", accelerate_launch),
 ]
 
@@ -136,14 +142,14 @@ def test_readme_quotes_the_commands_this_test_knows():
     """The extraction finds the set-up commands, planner lines and launches; none is left without a rule."""
     found = cases()
     assert sum(c.values[0] is planner_lines for c in found) == 2
-    assert {c.values[0] for c in found} >= {default_run, suite_collects, deepspeed_launch, accelerate_launch}
+    assert {c.values[0] for c in found} >= {default_run, suite_collects, run_config_launch, accelerate_launch}
     unmatched = [c.values[1] for c in found if c.values[0] is None]
     assert not unmatched, f"README commands with no rule in tests/test_readme_commands.py RULES: {unmatched}"
 
 
 @pytest.mark.parametrize("runner,command", [c for c in cases() if c.values[0] is not None])
 def test_readme_command_runs(runner, command, tmp_path, monkeypatch):
-    if runner in (deepspeed_launch, accelerate_launch):
+    if runner in (run_config_launch, accelerate_launch):
         runner(command, tmp_path, monkeypatch)
     else:
         runner(command, tmp_path)
