@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     # DeepSpeed still calls collectives that torch 2.13 renamed: one warning per call and rank is noise
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
-    # TrainingArguments may create the process group as early as parse(); one that a caller set up (a test, a
+    # _train's TrainingArguments creates the process group under a launcher; one that a caller set up (a test, a
     # notebook) is the caller's to end
     created_here = not ranks.initialized()
     try:

@@ -1,4 +1,4 @@
-"""This process's rank and world under torch.distributed (one process: 0 and 1), and errors every rank raises together."""
+"""Rank and world under torch.distributed (one process: 0 and 1), errors every rank raises together, the group's end."""
 from __future__ import annotations
 
 import torch.distributed as dist
