@@ -565,6 +565,15 @@ def test_ctrl_c_saves_the_steps_since_the_last_checkpoint_and_exits_130(tmp_path
     assert problem(os.path.join(out, "checkpoint-3")) is None
 
 
+def assert_stops_at_the_first_eval_batch(trainer, sender, out):
+    """SIGTERM sent at the first evaluation batch of step 2's evaluation (40 batches): the run stops there, saved."""
+    with pytest.raises(Interrupted) as err:
+        trainer.train()
+    assert sender.eval_batches == 1, "waited for the whole evaluation (40 batches)"
+    assert err.value.code == 143 and err.value.message.startswith(f"stopped by SIGTERM at step 2: saved {out}/checkpoint-2")
+    assert problem(os.path.join(out, "checkpoint-2")) is None
+
+
 def test_sigterm_during_a_long_evaluation_stops_between_batches(tmp_path):
     from lomo_trainer import LOMOTrainer
 
@@ -573,11 +582,7 @@ def test_sigterm_during_a_long_evaluation_stops_between_batches(tmp_path):
     trainer = LOMOTrainer(model=tiny_llama(), args=_args(out, None, max_steps=6, eval_strategy="steps", eval_steps=2,
                                                          per_device_eval_batch_size=1),
                           train_dataset=_dataset(), eval_dataset=_dataset(40), callbacks=[sender])
-    with pytest.raises(Interrupted) as err:
-        trainer.train()
-    assert sender.eval_batches == 1, "waited for the whole evaluation (40 batches)"
-    assert err.value.code == 143 and err.value.message.startswith(f"stopped by SIGTERM at step 2: saved {out}/checkpoint-2")
-    assert problem(os.path.join(out, "checkpoint-2")) is None
+    assert_stops_at_the_first_eval_batch(trainer, sender, out)
 
 
 def test_sigterm_during_a_ranking_evaluation_stops_between_batches(tmp_path):
@@ -597,11 +602,7 @@ def test_sigterm_during_a_ranking_evaluation_stops_between_batches(tmp_path):
     trainer = epoch_eval_trainer(LOMOTrainer)(
         model=tiny_llama(), args=_args(out, None, max_steps=6, eval_strategy="steps", eval_steps=2),
         train_dataset=_dataset(), eval_dataset=_dataset(2), callbacks=[sender], ranking_eval=ranking_eval)
-    with pytest.raises(Interrupted) as err:
-        trainer.train()
-    assert sender.eval_batches == 1, "waited for the whole ranking evaluation (40 batches)"
-    assert err.value.code == 143 and err.value.message.startswith(f"stopped by SIGTERM at step 2: saved {out}/checkpoint-2")
-    assert problem(os.path.join(out, "checkpoint-2")) is None
+    assert_stops_at_the_first_eval_batch(trainer, sender, out)
 
 
 def test_lomo_train_prints_one_line_for_a_signal(lomo_train):

@@ -17,6 +17,7 @@ import re
 import shlex
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from ..clip_choice import MARGIN, choose
@@ -53,8 +54,15 @@ def _gib(n_bytes: float) -> str:
     return f"{gib(n_bytes):.1f} GiB"
 
 
+@lru_cache(maxsize=None)
+def _planned(argv: tuple[str, ...]):
+    """The inventory and setup of one planner command line: built once, whatever the number of columns reading it."""
+    _, inv, setup, _ = parse_args(list(argv))
+    return inv, setup
+
+
 def cell(column: Column, argv: list[str]) -> str:
-    _, inv, setup, _ = parse_args(argv)
+    inv, setup = _planned(tuple(argv))
     if column.show == "peak":
         t = breakdown(inv, setup, column.mode)
         return _gib(t["total_with_overhead"]) + ("" if t["fits"] else ", does not fit")
